@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make test` and `make demo`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.xaiadv-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: test test-slow demo bench lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[all,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)
+	@bash scripts/ensure_fashion_mnist.sh $(FMNIST_DIR)
+	$(BIN)/xaiadv demo
+
+bench: $(STAMP)
+	$(BIN)/xaiadv bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,162 @@
+"""The LRP attacks as ART evasion attacks: ``LRPGrad(classifier).generate(x, y)``.
+
+They take an ART ``PyTorchClassifier``, honour its ``clip_values`` (the bounds) and its
+``preprocessing=(mean, std)`` (gradients w.r.t. the raw input, relevance computed in the model's own
+input space and mapped back element-wise), and work inside ART's harnesses such as ``AdversarialTrainer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._common import ATTACK_CLASSES, attack_params, build_config, concat_results, require, run_plugin
+
+require("art", "art")
+from art.attacks.attack import EvasionAttack  # noqa: E402
+from art.estimators.classification import PyTorchClassifier  # noqa: E402
+from art.preprocessing.standardisation_mean_std import (  # noqa: E402
+    StandardisationMeanStd,
+    StandardisationMeanStdPyTorch,
+)
+from art.preprocessing.standardisation_mean_std.utils import broadcastable_mean_std  # noqa: E402
+
+from xaiadv.plugins.attacks import AttackConfig, AttackResult  # noqa: E402
+
+__all__ = ["LRPFlip", "LRPGrad", "LRPGradMean", "LRPMean"]
+
+
+def classifier_bounds(classifier: PyTorchClassifier) -> tuple[float, float]:
+    """The classifier's clip_values as a float pair; the LRP attacks need them (flip midpoint, default eps)."""
+    clip_values = classifier.clip_values
+    if clip_values is None:
+        raise ValueError("LRP attacks need the classifier's clip_values (the input bounds); got None")
+    low, high = np.asarray(clip_values, dtype=np.float64).reshape(2, -1)
+    if low.size != 1 or high.size != 1:
+        raise ValueError("LRP attacks need scalar clip_values (low, high); got per-feature bounds")
+    return float(low[0]), float(high[0])
+
+
+def classifier_preprocessing(classifier: PyTorchClassifier, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The classifier's (mean, std) broadcastable against x, as ART itself would broadcast them.
+
+    Other preprocessing (defences) is refused: the attack would not see what the classifier sees.
+    """
+    operations = list(classifier.preprocessing_operations)
+    standardisations = (StandardisationMeanStd, StandardisationMeanStdPyTorch)
+    others = [op for op in operations if not isinstance(op, standardisations)]
+    if others:
+        raise ValueError(f"LRP attacks support only (mean, std) preprocessing; the classifier also has {others}")
+    if not operations:
+        return None
+    mean, std = broadcastable_mean_std(x, np.asarray(operations[0].mean), np.asarray(operations[0].std))
+    return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+
+
+class _ARTLRPAttack(EvasionAttack):
+    """Shared body of the ART adapters; each subclass names only its plugin pattern."""
+
+    pattern: ClassVar[str]
+    _estimator_requirements = (PyTorchClassifier,)
+
+    def __init__(self, classifier: PyTorchClassifier, *, batch_size: int = 128, verbose: bool = False,
+                 **params: Any) -> None:
+        super().__init__(estimator=classifier)
+        defaults = attack_params(self.pattern)
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {unknown} for {type(self).__name__}; valid: {sorted(defaults)}")
+        for key, value in {**defaults, **params}.items():
+            setattr(self, key, value)
+        self.batch_size = batch_size
+        self.verbose = verbose
+        self.last_result: AttackResult | None = None
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """One validator: the plugin config checks the attack parameters, this the adapter's own."""
+        super()._check_params()
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"batch_size must be an int > 0; got {self.batch_size!r}")
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"verbose must be a bool; got {self.verbose!r}")
+        classifier_bounds(self.estimator)
+        self._config: AttackConfig = build_config(self.pattern, self._plugin_params())
+
+    def _plugin_params(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in attack_params(self.pattern)}
+
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> np.ndarray:
+        """Adversarial examples for x (same shape and dtype); y are true labels, or targets when targeted.
+
+        Labels may be class indices or one-hot; None means the classifier's predictions (untargeted only).
+        After the call, ``last_result`` holds success, iterations and the optional trace per sample.
+        """
+        if kwargs:
+            raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(kwargs)}")
+        classifier = self.estimator
+        bounds = classifier_bounds(classifier)
+        preprocessing = classifier_preprocessing(classifier, x)
+        x_tensor = torch.as_tensor(np.asarray(x)).to(classifier.device)
+        y_tensor = None if y is None else torch.as_tensor(np.asarray(y)).to(classifier.device)
+        if y_tensor is not None and y_tensor.shape[0] != x_tensor.shape[0]:
+            raise ValueError(f"y must have one label per sample ({x_tensor.shape[0]}); got {y_tensor.shape[0]}")
+        results = []
+        starts = range(0, x_tensor.shape[0], self.batch_size)
+        for start in tqdm(starts, desc=type(self).__name__, disable=not self.verbose):
+            stop = start + self.batch_size
+            results.append(run_plugin(
+                self.pattern, classifier.model, x_tensor[start:stop],
+                None if y_tensor is None else y_tensor[start:stop],
+                bounds=bounds, preprocessing=preprocessing, config=self._config,
+            ))
+        self.last_result = concat_results(results, x_tensor)
+        return self.last_result.x_adv.cpu().numpy().astype(np.asarray(x).dtype, copy=False)
+
+
+def _params(pattern: str) -> list[str]:
+    return [*EvasionAttack.attack_params, *attack_params(pattern), "batch_size", "verbose"]
+
+
+class LRPFlip(_ARTLRPAttack):
+    """LRP-flip / batch-flip (thesis Algorithms 3-5) as an ART evasion attack; untargeted.
+
+    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, batch_size, verbose.
+    """
+
+    pattern = ATTACK_CLASSES["LRPFlip"]
+    attack_params = _params(pattern)
+
+
+class LRPMean(_ARTLRPAttack):
+    """LRP-mean (thesis Algorithm 6) as an ART evasion attack; untargeted.
+
+    Parameters: eps, n_batch, max_iter, early_stop, composite, relevance_every, trace, batch_size, verbose.
+    """
+
+    pattern = ATTACK_CLASSES["LRPMean"]
+    attack_params = _params(pattern)
+
+
+class LRPGrad(_ARTLRPAttack):
+    """LRP-grad (thesis Algorithm 7) as an ART evasion attack; targeted or not.
+
+    Parameters: eps, n_batch, max_iter, early_stop, composite, targeted, relevance_every, momentum, trace,
+    batch_size, verbose. With n_batch=1.0 (all values) it is ART's BasicIterativeMethod without projection.
+    """
+
+    pattern = ATTACK_CLASSES["LRPGrad"]
+    attack_params = _params(pattern)
+
+
+class LRPGradMean(_ARTLRPAttack):
+    """LRP-grad+mean (thesis 5.2.1) as an ART evasion attack: LRP-mean where a sample's gradient vanishes.
+
+    Parameters: as LRPGrad.
+    """
+
+    pattern = ATTACK_CLASSES["LRPGradMean"]
+    attack_params = _params(pattern)

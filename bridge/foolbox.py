@@ -1,0 +1,194 @@
+"""Our LRP attacks as Foolbox 3 attacks, called as Foolbox's: ``attack(fmodel, x, criterion, epsilons=...)``.
+
+Each class is a ``MinimizationAttack``: Foolbox's final ``__call__`` converts types, checks the bounds, clips
+the one adversarial per sample to every epsilon in ``distance`` (L1 by default, the thesis's measure) and
+judges success. ``run`` only reads the torch module, bounds and preprocessing from the fmodel and hands them
+to the plugin loop (thesis Algorithm 2), which normalizes before the model and steps in raw input units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
+
+require("foolbox", "foolbox")
+
+import eagerpy as ep  # noqa: E402
+from foolbox.attacks.base import MinimizationAttack, get_criterion, raise_if_kwargs  # noqa: E402
+from foolbox.criteria import Misclassification, TargetedMisclassification  # noqa: E402
+from foolbox.distances import Distance, l0, l1, l2, linf  # noqa: E402
+from foolbox.models.base import Model, ModelWithPreprocessing  # noqa: E402
+
+T = TypeVar("T")
+
+DISTANCES: dict[str, Distance] = {"l0": l0, "l1": l1, "l2": l2, "linf": linf}
+#: Plugin parameters Foolbox decides elsewhere: the criterion chooses targeting, and a trace has no way out.
+_NOT_PARAMETERS = ("targeted", "trace")
+
+
+class LRPAttack(MinimizationAttack):
+    """One plugin attack as a Foolbox ``MinimizationAttack``; subclasses name only their ``pattern``.
+
+    Keyword-only parameters: the plugin's (``eps``, ``n_batch``, ``max_iter``, ``early_stop``, ``composite``,
+    ...; see ``xaiadv.bridge._common.attack_params``), validated here by the plugin's config; ``distance``
+    ("l1" default, "l2", "linf", "l0" or a foolbox Distance) in which Foolbox clips to each epsilon;
+    ``model``, the torch module, needed only when it cannot be read from the fmodel.
+    """
+
+    pattern: ClassVar[str]
+
+    def __init__(
+        self, *, model: nn.Module | None = None, distance: str | Distance = "l1", **params: Any
+    ) -> None:
+        refused = sorted(set(params) & set(_NOT_PARAMETERS))
+        if refused:
+            raise TypeError(
+                f"{refused}: in Foolbox the criterion chooses targeting, and no trace is returned"
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
+        self.config = build_config(self.pattern, params)
+        self._distance = _as_distance(distance)
+        self.model = model
+
+    @property
+    def distance(self) -> Distance:
+        return self._distance
+
+    def run(
+        self,
+        model: Model,
+        inputs: T,
+        criterion: Misclassification | TargetedMisclassification | T,
+        *,
+        early_stop: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """The adversarial of each input; Foolbox's ``early_stop`` (a distance) is not needed, as every
+        sample already stops at its first success when the ``early_stop`` parameter is True."""
+        raise_if_kwargs(kwargs)
+        del early_stop
+        x, restore_type = ep.astensor_(inputs)
+        targeted, classes = _classes(get_criterion(criterion), len(x))
+        if not isinstance(x.raw, torch.Tensor):
+            raise TypeError(f"inputs must be PyTorch tensors (a fb.PyTorchModel); got {type(x.raw).__name__}")
+        result = run_plugin(
+            self.pattern,
+            self.model if self.model is not None else module_of(model),
+            x.raw,
+            classes.raw,
+            bounds=(float(model.bounds[0]), float(model.bounds[1])),
+            preprocessing=preprocessing_of(model, x.ndim),
+            config=replace(self.config, targeted=targeted),
+        )
+        return restore_type(ep.astensor(result.x_adv))
+
+    def __repr__(self) -> str:
+        names = [name for name in attack_params(self.pattern) if name not in _NOT_PARAMETERS]
+        settings = [f"{name}={getattr(self.config, name)!r}" for name in names]
+        distance = next((name for name, value in DISTANCES.items() if value is self.distance), self.distance)
+        settings.append(f"distance={distance!r}")
+        if self.model is not None:
+            settings.append(f"model={type(self.model).__name__}")
+        return f"{type(self).__name__}({', '.join(settings)})"
+
+
+def _as_distance(distance: str | Distance) -> Distance:
+    if isinstance(distance, Distance):
+        return distance
+    if distance not in DISTANCES:
+        raise ValueError(
+            f"distance must be one of {sorted(DISTANCES)} or a foolbox Distance; got {distance!r}"
+        )
+    return DISTANCES[distance]
+
+
+def _classes(criterion: Any, n_samples: int) -> tuple[bool, ep.Tensor]:
+    """(targeted, classes) from a Misclassification or TargetedMisclassification criterion."""
+    if isinstance(criterion, Misclassification):
+        targeted, classes, name = False, criterion.labels, "labels"
+    elif isinstance(criterion, TargetedMisclassification):
+        targeted, classes, name = True, criterion.target_classes, "target_classes"
+    else:
+        raise ValueError(
+            f"criterion must be Misclassification or TargetedMisclassification; got {criterion!r}"
+        )
+    if classes.shape != (n_samples,):
+        raise ValueError(f"criterion {name} must have shape ({n_samples},); got {classes.shape}")
+    return targeted, classes
+
+
+def module_of(fmodel: Model) -> nn.Module:
+    """The torch module inside a ``fb.PyTorchModel``, kept only in the closure of its call function."""
+    call = getattr(fmodel, "_model", None) if isinstance(fmodel, ModelWithPreprocessing) else None
+    for cell in getattr(call, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, nn.Module):
+            return cell.cell_contents
+    raise TypeError(
+        f"cannot find the torch module inside the {type(fmodel).__name__} model; "
+        "pass model=<the torch.nn.Module> to the attack"
+    )
+
+
+def preprocessing_of(fmodel: Model, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fmodel's (mean, std) as one value or one per channel (axis 1), for the plugin.
+
+    A model that is not a ``ModelWithPreprocessing`` has none to read: ``model=`` then takes raw inputs.
+    """
+    if not isinstance(fmodel, ModelWithPreprocessing):
+        return None
+    mean, std, flip_axis = fmodel._preprocess_args
+    if flip_axis is not None:
+        raise ValueError(
+            "fmodel preprocessing flip_axis is not supported by the LRP attacks; flip in the model"
+        )
+    if mean is None and std is None:
+        return None
+    return _channel_values(mean, 0.0, ndim, "mean"), _channel_values(std, 1.0, ndim, "std")
+
+
+def _channel_values(value: ep.Tensor | None, default: float, ndim: int, name: str) -> torch.Tensor:
+    """Flatten a preprocessing tensor that is a scalar or varies along the channel axis 1 only."""
+    if value is None:
+        return torch.tensor(default)
+    tensor = torch.as_tensor(value.raw)
+    shape = (1,) * (ndim - tensor.dim()) + tuple(tensor.shape)
+    on_channels = len(shape) == ndim and all(size == 1 for axis, size in enumerate(shape) if axis != 1)
+    if tensor.numel() > 1 and not on_channels:
+        raise ValueError(
+            f"fmodel preprocessing {name} must be a scalar or per channel on the channel axis "
+            f"(axis=-3 for images); got shape {tuple(tensor.shape)} for inputs with {ndim} dimensions"
+        )
+    return tensor.flatten()
+
+
+class LRPFlip(LRPAttack):
+    """LRP-flip (thesis Algorithms 3-5) in Foolbox: reflects the most relevant values. Untargeted only."""
+
+    pattern = ATTACK_CLASSES["LRPFlip"]
+
+
+class LRPMean(LRPAttack):
+    """LRP-mean (thesis Algorithm 6) in Foolbox: moves the most relevant values to their channel mean.
+    Untargeted only."""
+
+    pattern = ATTACK_CLASSES["LRPMean"]
+
+
+class LRPGrad(LRPAttack):
+    """LRP-grad (thesis Algorithm 7) in Foolbox: IFGSM steps on the most relevant values; takes
+    TargetedMisclassification."""
+
+    pattern = ATTACK_CLASSES["LRPGrad"]
+
+
+class LRPGradMean(LRPAttack):
+    """LRP-grad+mean (thesis 5.2.1) in Foolbox: LRP-grad, with LRP-mean where the gradient vanishes; takes
+    TargetedMisclassification."""
+
+    pattern = ATTACK_CLASSES["LRPGradMean"]

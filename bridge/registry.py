@@ -1,0 +1,284 @@
+"""One naming scheme for every attack: ours and the reference attacks of ART, Foolbox and torchattacks.
+
+``available_attacks()`` lists ``source:Name`` strings (``xaiadv:LRPGrad``, ``art:BasicIterativeMethod``,
+``foolbox:LinfPGD``, ``torchattacks:PGD``); ``build_attack(name, model=..., bounds=..., preprocessing=...,
+**params)`` returns a :class:`BuiltAttack`, one uniform callable ``(x, y) -> x_adv`` on torch tensors.
+The libraries are used through their public APIs only; nothing is patched. A source whose library is
+not installed is simply absent from the list.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xaiadv.plugins.attacks import AttackResult
+from xaiadv.plugins.checks import check_bounds
+
+from ._common import ATTACK_CLASSES, build_config, run_plugin
+
+#: Our attacks by registry name -> plugin pattern (IFGSMNoise is thesis Algorithm 8, a reference variant).
+XAIADV_ATTACKS: dict[str, str] = {**ATTACK_CLASSES, "IFGSMNoise": "ifgsm_noise"}
+SOURCES = ("xaiadv", "art", "foolbox", "torchattacks")
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BuiltAttack:
+    """A uniform attack callable: ``attack(x, y) -> x_adv`` with x a torch batch, y class indices (N,).
+
+    ``last_result`` holds our plugin's AttackResult after an ``xaiadv:`` attack (None for the libraries').
+    """
+
+    name: str
+    params: dict[str, Any]
+    run: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = field(repr=False)
+    last_result: AttackResult | None = field(default=None, repr=False)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(x, y)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@cache
+def _art_attacks() -> dict[str, type]:
+    """ART evasion attacks that accept a PyTorchClassifier (by their estimator requirements)."""
+    if not _installed("art"):
+        return {}
+    import art.attacks.evasion as evasion
+    from art.attacks.attack import EvasionAttack
+    from art.estimators.classification import PyTorchClassifier
+
+    found = {}
+    for name, cls in vars(evasion).items():
+        if inspect.isclass(cls) and issubclass(cls, EvasionAttack) and not inspect.isabstract(cls):
+            if _accepts(PyTorchClassifier, cls._estimator_requirements or ()):
+                found[name] = cls
+    return found
+
+
+def _accepts(estimator_cls: type, requirements: tuple[Any, ...]) -> bool:
+    """ART's estimator check against a class: every requirement (a class or a union tuple) is in its MRO."""
+    mro = estimator_cls.__mro__
+    return all(any(option in mro for option in (req if isinstance(req, tuple) else (req,))) for req in requirements)
+
+
+@cache
+def _foolbox_attacks() -> dict[str, type]:
+    """Concrete Foolbox attacks under every public name (aliases such as LinfPGD included)."""
+    if not _installed("foolbox"):
+        return {}
+    import foolbox.attacks as attacks
+    from foolbox.attacks.base import Attack
+
+    return {
+        name: cls for name, cls in vars(attacks).items()
+        if inspect.isclass(cls) and issubclass(cls, Attack) and not inspect.isabstract(cls) and name[0].isupper()
+    }
+
+
+@cache
+def _torchattacks_attacks() -> dict[str, type]:
+    """torchattacks attacks listed in its ``__all__`` that attack a single model (wrappers excluded)."""
+    if not _installed("torchattacks"):
+        return {}
+    import torchattacks
+    from torchattacks.attack import Attack
+
+    wrappers = {"MultiAttack", "LGV"}
+    return {
+        name: getattr(torchattacks, name) for name in torchattacks.__all__
+        if name not in wrappers and inspect.isclass(getattr(torchattacks, name, None))
+        and issubclass(getattr(torchattacks, name), Attack)
+    }
+
+
+def _library_attacks(source: str) -> dict[str, type]:
+    return {"art": _art_attacks, "foolbox": _foolbox_attacks, "torchattacks": _torchattacks_attacks}[source]()
+
+
+def available_attacks(source: str | None = None) -> list[str]:
+    """Every attack as ``source:Name``, sorted; ``source`` limits the list to one of SOURCES."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+    names = [f"xaiadv:{name}" for name in XAIADV_ATTACKS]
+    for library in SOURCES[1:]:
+        names += [f"{library}:{name}" for name in _library_attacks(library)]
+    return sorted(name for name in names if source is None or name.startswith(f"{source}:"))
+
+
+def build_attack(
+    name: str,
+    *,
+    model: nn.Module,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    preprocessing: tuple[Any, Any] | None = None,
+    **params: Any,
+) -> BuiltAttack:
+    """Build one attack by registry name as a uniform ``(x, y) -> x_adv`` callable.
+
+    model: a torch module returning logits for inputs normalized by ``preprocessing=(mean, std)``
+    (per channel); bounds: the raw inputs' range; params: the attack's own parameters. For Foolbox
+    attacks, ``epsilons`` (a float) is the budget of fixed-epsilon attacks and the clipping bound of
+    minimization attacks (default None: unbounded).
+    """
+    source, _, attack_name = name.partition(":")
+    valid = available_attacks()
+    if name not in valid:
+        raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(valid)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    bounds = check_bounds(bounds)
+    builder = {"xaiadv": _build_xaiadv, "art": _build_art, "foolbox": _build_foolbox,
+               "torchattacks": _build_torchattacks}[source]
+    return builder(attack_name, model, bounds, preprocessing, dict(params))
+
+
+def _build_xaiadv(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
+                  params: dict[str, Any]) -> BuiltAttack:
+    pattern = XAIADV_ATTACKS[name]
+    config = build_config(pattern, params)
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        result = run_plugin(pattern, model, x, y, bounds=bounds, preprocessing=preprocessing, config=config)
+        built.last_result = result
+        return result.x_adv
+
+    built = BuiltAttack(f"xaiadv:{name}", params, run)
+    return built
+
+
+@contextmanager
+def _mode_restored(model: nn.Module) -> Iterator[None]:
+    """Libraries may switch the model to eval (or train); put every module back as it was."""
+    modes = [module.training for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+
+
+def _mean_std(preprocessing: Any, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = (np.broadcast_to(np.asarray(value, dtype=np.float32).reshape(-1), (n_channels,)).copy()
+                 for value in preprocessing)
+    return mean, std
+
+
+def _build_art(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
+               params: dict[str, Any]) -> BuiltAttack:
+    from art.estimators.classification import PyTorchClassifier
+
+    cls = _art_attacks()[name]
+    classifiers: dict[tuple[int, ...], Any] = {}
+
+    def classifier_for(x: torch.Tensor) -> Any:
+        shape = tuple(x.shape[1:])
+        if shape not in classifiers:
+            with torch.no_grad():
+                n_classes = model(torch.zeros((1, *shape), device=x.device)).shape[1]
+            art_preprocessing = None if preprocessing is None else _mean_std(preprocessing, shape[0])
+            classifiers[shape] = PyTorchClassifier(
+                model, loss=nn.CrossEntropyLoss(), input_shape=shape, nb_classes=n_classes,
+                clip_values=bounds, preprocessing=art_preprocessing, device_type=_device_type(x),
+            )
+        return classifiers[shape]
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        with _mode_restored(model):
+            attack = cls(classifier_for(x), **params)
+            labels = None if y is None else _art_labels(y, model, x, attack)
+            x_adv = attack.generate(x.detach().cpu().numpy(), y=labels)
+        return torch.as_tensor(x_adv, device=x.device, dtype=x.dtype)
+
+    return BuiltAttack(f"art:{name}", params, run)
+
+
+def _art_labels(y: torch.Tensor, model: nn.Module, x: torch.Tensor, attack: Any) -> np.ndarray:
+    """ART wants one-hot labels for most attacks; class indices are converted with the model's class count."""
+    labels = y.detach().cpu().numpy()
+    if labels.ndim == 1:
+        n_classes = attack.estimator.nb_classes
+        labels = np.eye(n_classes, dtype=np.float32)[labels]
+    return labels
+
+
+def _device_type(x: torch.Tensor) -> str:
+    return "gpu" if x.device.type == "cuda" else "cpu"
+
+
+def _build_foolbox(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
+                   params: dict[str, Any]) -> BuiltAttack:
+    import foolbox as fb
+
+    epsilons = params.pop("epsilons", None)
+    attack = _foolbox_attacks()[name](**params)
+    if isinstance(attack, fb.attacks.base.FixedEpsilonAttack) and epsilons is None:
+        raise ValueError(f"foolbox:{name} is a fixed-epsilon attack: pass epsilons=<budget>")
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        with _mode_restored(model):
+            fb_preprocessing = None
+            if preprocessing is not None:
+                mean, std = _mean_std(preprocessing, x.shape[1])
+                fb_preprocessing = {"mean": mean.tolist(), "std": std.tolist(), "axis": -3}
+            fmodel = fb.PyTorchModel(model.eval(), bounds=bounds, preprocessing=fb_preprocessing,
+                                     device=x.device)
+            labels = fmodel(x).argmax(1) if y is None else y.to(x.device).long()
+            _, clipped, _ = attack(fmodel, x.detach().float(), fb.criteria.Misclassification(labels),
+                                   epsilons=epsilons)
+        return clipped.to(x.dtype)
+
+    return BuiltAttack(f"foolbox:{name}", {**params, "epsilons": epsilons}, run)
+
+
+class _Normalized(nn.Module):
+    """``model((x - mean) / std)``: torchattacks' own normalization expects normalized inputs, ours are raw."""
+
+    def __init__(self, model: nn.Module, preprocessing: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(np.asarray(preprocessing[0], dtype=np.float32)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(np.asarray(preprocessing[1], dtype=np.float32)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean.to(x.device)) / self.std.to(x.device))
+
+
+def _build_torchattacks(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
+                        params: dict[str, Any]) -> BuiltAttack:
+    if bounds != (0.0, 1.0):
+        raise ValueError(f"torchattacks attacks work on inputs in [0, 1]; got bounds {bounds}")
+    cls = _torchattacks_attacks()[name]
+    attacked = model if preprocessing is None else _Normalized(model, preprocessing)
+    with _mode_restored(model):
+        attack = cls(attacked, **params)
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        with _mode_restored(model):
+            labels = y
+            if labels is None:
+                with torch.no_grad():
+                    labels = attack.get_logits(x).argmax(1)
+            return attack(x.detach().float(), labels.to(x.device).long()).to(x.dtype)
+
+    return BuiltAttack(f"torchattacks:{name}", params, run)

@@ -1,0 +1,1 @@
+"""Data sets, reference models, benchmarks and the ``xaiadv`` command line."""

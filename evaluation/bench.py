@@ -1,0 +1,122 @@
+"""``xaiadv bench``: seconds per iteration of IFGSM and of the LRP attacks, measured side by side in one run.
+
+Same model (the VGG-style 28x28 reference CNN, random weights: speed does not depend on training), same
+random batch, early stop off, each attack through the adapter of the library it is compared with:
+ART's BasicIterativeMethod next to our ART adapters, torchattacks' BIM next to our torchattacks adapters.
+Ratios are to the IFGSM of the same library. Also: batched relevance vs one image at a time, per image.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from xaiadv.plugins.relevance import Relevance
+
+from .models import reference_cnn
+
+STEP = 1.0 / 256.0
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One measurement: seconds per iteration (or per image), and its ratio to the row's reference."""
+
+    library: str
+    name: str
+    seconds: float
+    reference: str
+    ratio: float
+    unit: str
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _art_runners(model: nn.Module, x: np.ndarray, y: np.ndarray, iterations: int) -> dict[str, Callable[[], object]]:
+    from art.attacks.evasion import BasicIterativeMethod
+    from art.estimators.classification import PyTorchClassifier
+
+    from xaiadv.bridge import art as ours
+
+    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10,
+                                   clip_values=(0.0, 1.0))
+    common = {"max_iter": iterations, "early_stop": False, "batch_size": len(x)}
+    attacks = {
+        "IFGSM (BasicIterativeMethod)": BasicIterativeMethod(classifier, eps=1.0, eps_step=STEP,
+                                                              max_iter=iterations, batch_size=len(x), verbose=False),
+        "LRPFlip": ours.LRPFlip(classifier, **common),
+        "LRPMean": ours.LRPMean(classifier, eps=STEP, **common),
+        "LRPGrad": ours.LRPGrad(classifier, eps=STEP, **common),
+        "LRPGradMean": ours.LRPGradMean(classifier, eps=STEP, **common),
+    }
+    return {name: (lambda attack=attack: attack.generate(x, y)) for name, attack in attacks.items()}
+
+
+def _torchattacks_runners(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          iterations: int) -> dict[str, Callable[[], object]]:
+    import torchattacks
+
+    from xaiadv.bridge import torchattacks as ours
+
+    common = {"max_iter": iterations, "early_stop": False}
+    attacks = {
+        "IFGSM (BIM)": torchattacks.BIM(model, eps=1.0, alpha=STEP, steps=iterations),
+        "LRPFlip": ours.LRPFlip(model, **common),
+        "LRPMean": ours.LRPMean(model, eps=STEP, **common),
+        "LRPGrad": ours.LRPGrad(model, eps=STEP, **common),
+        "LRPGradMean": ours.LRPGradMean(model, eps=STEP, **common),
+    }
+    return {name: (lambda attack=attack: attack(x, y)) for name, attack in attacks.items()}
+
+
+def _relative(library: str, seconds: dict[str, float], unit: str) -> list[BenchRow]:
+    reference = next(iter(seconds))
+    return [BenchRow(library, name, value, reference, value / seconds[reference], unit)
+            for name, value in seconds.items()]
+
+
+def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[BenchRow]:
+    """Seconds per image of one relevance pass: the whole batch at once vs one image at a time."""
+    relevance = Relevance(model)
+    single = x[: min(len(x), 16)]
+    batched = _median_seconds(lambda: relevance(x, y), repeats) / len(x)
+    one_by_one = _median_seconds(lambda: [relevance(single[i:i + 1], y[i:i + 1]) for i in range(len(single))],
+                                 repeats) / len(single)
+    return _relative("xaiadv", {"relevance, one image at a time": one_by_one, "relevance, batched": batched},
+                     "s/image")
+
+
+def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:
+    """Measure every row in this one run and return them; nothing is read from earlier runs."""
+    for name, value in (("batch_size", batch_size), ("iterations", iterations), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be an int > 0; got {value!r}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = reference_cnn((1, 28, 28), 10).eval()
+    x = torch.rand(batch_size, 1, 28, 28, generator=generator)
+    y = torch.randint(0, 10, (batch_size,), generator=generator)
+    rows = []
+    for library, runners in (
+        ("art", _art_runners(model, x.numpy(), y.numpy(), iterations)),
+        ("torchattacks", _torchattacks_runners(model, x, y, iterations)),
+    ):
+        for run in runners.values():  # warm-up: first calls pay for allocation and lazy imports
+            run()
+        seconds = {name: _median_seconds(run, repeats) / iterations for name, run in runners.items()}
+        rows += _relative(library, seconds, "s/iteration")
+    return rows + relevance_rows(model, x, y, repeats)

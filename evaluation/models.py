@@ -1,0 +1,453 @@
+"""Reference CNNs, their seeded training, and a safetensors cache of trained models.
+
+The attacks of the thesis (seeds/004, section 3.1.3, Fig. 3.5) target small plain CNNs: blocks of
+two 3x3 convolutions with ReLU and a 2x2 max-pool, then two dense layers. :func:`reference_cnn`
+builds that shape (for MNIST it has exactly the thesis's 467,818 parameters) from ``nn.ReLU``
+modules, without BatchNorm or dropout, so Zennit's LRP rules apply layer by layer.
+
+Trained models are cached as ``<cache>/models/<dataset>-<key>.safetensors`` plus a JSON manifest
+holding the configuration, test accuracy and the weights' sha256; nothing is ever pickled, and
+every write is atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from xaiadv.evaluation.data import DATASETS, Dataset, load_dataset
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TrainConfig",
+    "TrainedModel",
+    "default_cache_dir",
+    "load_model",
+    "load_or_train",
+    "reference_cnn",
+    "save_model",
+    "train_reference_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the manifest format written by :func:`save_model`; newer ones are refused on load.
+SCHEMA_VERSION = 1
+ENV_CACHE = "XAIADV_CACHE"
+_EVAL_BATCH = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture
+
+
+def reference_cnn(input_shape: tuple[int, int, int], num_classes: int, *, width: int = 32) -> nn.Sequential:
+    """Plain CNN in the spirit of the thesis's Fig. 3.5; outputs logits.
+
+    Blocks of ``Conv3x3 -> ReLU -> Conv3x3 -> ReLU -> MaxPool2d(2)`` (``width`` then ``2 * width``
+    channels): two blocks for inputs of 16 pixels or more a side (28x28, 32x32), one for 8x8 digits.
+    Then ``Flatten -> Linear(4 * width) -> ReLU -> Linear(num_classes)``. Input ``(N, C, H, W)``.
+    Weights get He (Kaiming) uniform initialisation for ReLU and zero biases: with torch's default
+    init the small digits set does not reach 90% test accuracy in three epochs.
+    """
+    c, h, w = _check_input_shape(input_shape)
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("width", width)
+    n_blocks = 2 if min(h, w) >= 16 else 1
+    layers: list[nn.Module] = []
+    channels = c
+    for block in range(n_blocks):
+        out = width * 2**block
+        layers += [
+            nn.Conv2d(channels, out, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(out, out, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels, h, w = out, h // 2, w // 2
+    layers += [
+        nn.Flatten(),
+        nn.Linear(channels * h * w, 4 * width),
+        nn.ReLU(),
+        nn.Linear(4 * width, num_classes),
+    ]
+    model = nn.Sequential(*layers)
+    _he_init(model)
+    return model
+
+
+def _he_init(model: nn.Module) -> None:
+    """He et al. (2015) uniform init of every conv and linear weight, zero biases; uses torch's global RNG."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, int, int]:
+    """``(C, H, W)`` of positive ints with H, W >= 2 (one max-pool needs two pixels)."""
+    if (
+        not isinstance(input_shape, tuple | list)
+        or len(input_shape) != 3
+        or not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
+        or input_shape[0] < 1
+        or min(input_shape[1:]) < 2
+    ):
+        raise ValueError(f"input_shape: expected (C, H, W) with C >= 1 and H, W >= 2, got {input_shape!r}")
+    c, h, w = (int(d) for d in input_shape)
+    return c, h, w
+
+
+def _check_positive_int(field: str, value: object) -> None:
+    """ValueError naming ``field`` unless ``value`` is an int >= 1 (bools excluded)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field}: expected an integer >= 1, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and result
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained reference model; its :meth:`key` names the cache file.
+
+    ``max_train`` keeps a seeded random subset of that many training samples (None: all of them).
+    """
+
+    dataset: str = "fashion_mnist"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    width: int = 32
+    seed: int = 0
+    max_train: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        for field in ("epochs", "batch_size", "width"):
+            _check_positive_int(field, getattr(self, field))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if self.max_train is not None:
+            _check_positive_int("max_train", self.max_train)
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+        object.__setattr__(self, "lr", float(lr))  # 1 and 1.0 are the same config, with one key
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of the fields."""
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Short stable hash of the configuration: sha256 of its sorted JSON, 12 hex digits."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained reference model in eval mode, its configuration and test accuracy.
+
+    ``path`` is the ``.safetensors`` file it was saved to or loaded from, None if never saved.
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    test_accuracy: float
+    path: Path | None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_reference_model(
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> TrainedModel:
+    """Train :func:`reference_cnn` on ``data`` with Adam and cross-entropy; seeded and reproducible.
+
+    The seed fixes the initial weights (``torch.manual_seed`` inside ``fork_rng``, so the caller's
+    global RNG is left as it was), the training subset and the batch order (a private
+    ``torch.Generator``): the same config gives the same weights on CPU.
+    ``device`` defaults to CPU; the returned model is on CPU, in eval mode.
+    """
+    if data.name != config.dataset:
+        raise ValueError(f"config.dataset: {config.dataset!r} does not match the data given ({data.name!r})")
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's global RNG
+        torch.manual_seed(config.seed)
+        model = reference_cnn(data.input_shape, len(data.classes), width=config.width).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    x, y = _training_subset(data, config.max_train, generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    n_batches = math.ceil(len(x) / config.batch_size)
+    model.train()
+    with tqdm(total=config.epochs * n_batches, disable=not progress, desc=f"train {data.name}") as bar:
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            total = 0.0
+            for idx in order.split(config.batch_size):
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                bar.update()
+            logger.info("%s epoch %d/%d: loss %.4f", data.name, epoch + 1, config.epochs, total / len(x))
+    model = model.cpu().eval()
+    accuracy = _accuracy(model, data.x_test, data.y_test)
+    logger.info("%s: test accuracy %.4f (config %s)", data.name, accuracy, config.key())
+    return TrainedModel(model=model, config=config, test_accuracy=accuracy, path=None)
+
+
+def _training_subset(
+    data: Dataset, max_train: int | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training tensors (copies), reduced to a seeded random subset of ``max_train`` samples."""
+    x = torch.tensor(data.x_train)
+    y = torch.tensor(data.y_train)
+    if max_train is not None and max_train < len(x):
+        keep = torch.randperm(len(x), generator=generator)[:max_train]
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of ``x`` that ``model`` (on CPU, eval mode) classifies as ``y``."""
+    if len(x) == 0:
+        return float("nan")
+    correct = 0
+    for start in range(0, len(x), _EVAL_BATCH):
+        xb = torch.tensor(x[start : start + _EVAL_BATCH])
+        pred = model(xb).argmax(dim=1).numpy()
+        correct += int((pred == y[start : start + _EVAL_BATCH]).sum())
+    return correct / len(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    """``$XAIADV_CACHE`` when set, else ``~/.cache/xaiadv``."""
+    env = os.environ.get(ENV_CACHE, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "xaiadv"
+
+
+def load_or_train(
+    config: TrainConfig,
+    *,
+    cache_dir: Path | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> TrainedModel:
+    """The model for ``config`` from the cache, or trained, saved and returned when not cached.
+
+    A cache entry exists once its JSON manifest is written (the last step of :func:`save_model`);
+    a damaged entry raises ValueError rather than being silently retrained over.
+    """
+    stem = (cache_dir if cache_dir is not None else default_cache_dir()) / "models" / _stem_name(config)
+    if _manifest_path(stem).exists():
+        trained = load_model(stem)
+        if trained.config != config:
+            raise ValueError(
+                f"{_manifest_path(stem)}: holds config {trained.config}, not the requested {config}; "
+                "delete it and its .safetensors file and train again"
+            )
+        logger.info("loaded cached model %s (test accuracy %.4f)", trained.path, trained.test_accuracy)
+        return trained
+    data = load_dataset(config.dataset, data_root)
+    trained = train_reference_model(data, config, progress=progress, device=device)
+    path = save_model(stem, trained.model, config, trained.test_accuracy, input_shape=data.input_shape)
+    return dataclasses.replace(trained, path=path)
+
+
+def _stem_name(config: TrainConfig) -> str:
+    """Cache file name without suffix: ``<dataset>-<key>``."""
+    return f"{config.dataset}-{config.key()}"
+
+
+def _weights_path(stem: Path) -> Path:
+    return stem.parent / f"{stem.name}.safetensors"
+
+
+def _manifest_path(stem: Path) -> Path:
+    return stem.parent / f"{stem.name}.json"
+
+
+def save_model(
+    path_stem: Path,
+    model: nn.Module,
+    config: TrainConfig,
+    test_accuracy: float,
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+) -> Path:
+    """Write ``<stem>.safetensors`` and the ``<stem>.json`` manifest atomically; return the weights path.
+
+    ``model`` must be a :func:`reference_cnn` built with ``config.width``. ``input_shape`` defaults
+    to the shape of ``config.dataset``'s samples. The manifest is written last, so a crash never
+    leaves a manifest pointing at missing or partial weights.
+    """
+    shape = _check_input_shape(
+        input_shape if input_shape is not None else _dataset_input_shape(config.dataset)
+    )
+    num_classes = _num_classes(model)
+    _check_architecture(model, shape, num_classes, config.width, where="model")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    blob = safetensors.torch.save(tensors)
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = _weights_path(stem)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "architecture": "xaiadv.reference_cnn",
+        "config": config.to_dict(),
+        "config_key": config.key(),
+        "test_accuracy": float(test_accuracy),
+        "input_shape": list(shape),
+        "num_classes": num_classes,
+        "weights_file": weights.name,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    _atomic_write(weights, blob)
+    _atomic_write(_manifest_path(stem), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    logger.info("saved model to %s", weights)
+    return weights
+
+
+def _dataset_input_shape(name: str) -> tuple[int, int, int]:
+    """Sample shape of a known dataset, without loading it."""
+    return {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[
+        name
+    ]
+
+
+def _num_classes(model: nn.Module) -> int:
+    """Output size of the model's last Linear layer."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("model: expected a reference_cnn (ending in nn.Linear), found no Linear layer")
+    return linears[-1].out_features
+
+
+def _check_architecture(
+    model: nn.Module, shape: tuple[int, int, int], num_classes: int, width: int, where: str
+) -> None:
+    """ValueError unless ``model``'s parameters have exactly the shapes of the matching reference_cnn."""
+    expected = {
+        k: tuple(v.shape) for k, v in reference_cnn(shape, num_classes, width=width).state_dict().items()
+    }
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != actual:
+        raise ValueError(
+            f"{where}: not a reference_cnn({shape}, {num_classes}, width={width}): "
+            f"parameter shapes {actual} differ from {expected}"
+        )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is readable like any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path_stem: Path) -> TrainedModel:
+    """Read a model saved by :func:`save_model`, checking manifest, schema version and weights hash.
+
+    Anything missing, corrupt, tampered with or written by a newer xaiadv is a ValueError that says
+    to delete the files and train again. Weights are read with safetensors: no pickle involved.
+    """
+    stem = Path(path_stem)
+    manifest_path, weights = _manifest_path(stem), _weights_path(stem)
+    advice = f"delete {manifest_path} and {weights} and train again"
+    manifest = _read_manifest(manifest_path, advice)
+    config, shape, num_classes = _manifest_fields(manifest, manifest_path, advice)
+    try:
+        blob = weights.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{weights}: cannot read the model weights ({e}); {advice}") from e
+    if hashlib.sha256(blob).hexdigest() != manifest["weights_sha256"]:
+        raise ValueError(f"{weights}: sha256 does not match the manifest (corrupt or tampered); {advice}")
+    try:
+        state = safetensors.torch.load(blob)
+        model = reference_cnn(shape, num_classes, width=config.width)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # safetensors' own error type, or load_state_dict's RuntimeError
+        raise ValueError(f"{weights}: weights do not fit the manifest ({e}); {advice}") from e
+    return TrainedModel(
+        model=model.eval(), config=config, test_accuracy=float(manifest["test_accuracy"]), path=weights
+    )
+
+
+def _read_manifest(path: Path, advice: str) -> dict[str, Any]:
+    """The manifest as a dict; ValueError when missing, not JSON, or of a newer schema."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ValueError(f"{path}: model manifest missing; {advice}") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt model manifest ({e}); {advice}") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: corrupt model manifest (not a JSON object); {advice}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path}: corrupt model manifest (schema_version {version!r}); {advice}")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {version} is newer than this xaiadv reads ({SCHEMA_VERSION}); "
+            f"upgrade xaiadv, or {advice}"
+        )
+    return manifest
+
+
+def _manifest_fields(
+    manifest: dict[str, Any], path: Path, advice: str
+) -> tuple[TrainConfig, tuple[int, int, int], int]:
+    """Config, input shape and class count from a manifest; ValueError when any is missing or invalid."""
+    try:
+        config = TrainConfig(**manifest["config"])
+        shape = _check_input_shape(tuple(manifest["input_shape"]))
+        num_classes = manifest["num_classes"]
+        _check_positive_int("num_classes", num_classes)
+        if not isinstance(manifest["weights_sha256"], str) or not isinstance(
+            manifest["test_accuracy"], int | float
+        ):
+            raise ValueError("weights_sha256 or test_accuracy has the wrong type")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt model manifest ({e!r}); {advice}") from e
+    return config, shape, num_classes

@@ -1,0 +1,524 @@
+"""The LRP attack family of the thesis (seeds/004), on one iterative loop (Algorithm 2).
+
+Each attack supplies only its adversarial pattern (a :class:`Pattern`); :func:`run_attack` does the rest
+once: input checks, one forward per iteration shared by the loss-gradient and relevance backward passes,
+the step, clipping to the bounds, per-sample early stop and the optional trace. Everything is batched and
+stays on the caller's device; the caller's tensors and model are never modified.
+
+Relevance always targets the original class c_a (the label when untargeted, the clean prediction when
+targeted), as the thesis's algorithms do (c_t = c_a). Distances are measured in raw input units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.core import Composite
+
+from .checks import check_bounds, check_inputs, check_labels
+from .relevance import DEFAULT_COMPOSITE, Relevance, check_composite
+
+#: Thesis Table 4.1 (MNIST, D = 784, n_iter = 100) as fractions of the input size, so they scale with it.
+DEFAULT_N_BATCH = {"flip": 5 / 784, "mean": 100 / 784, "grad": 300 / 784}
+DEFAULT_MAX_ITER = 100
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Validated parameters of one LRP attack; the same names in every adapter.
+
+    eps: step per iteration in input units; None = one 8-bit level of the bounds' range, (hi - lo) / 256,
+        the thesis's 2/256 on [-1, 1]. n_batch: values changed per relevance pass, a count, or a fraction
+        (0, 1] of the input size. relevance_every: recompute relevance every m iterations (1 = thesis).
+    """
+
+    eps: float | None = None
+    n_batch: int | float = DEFAULT_N_BATCH["grad"]
+    max_iter: int = DEFAULT_MAX_ITER
+    early_stop: bool = True
+    composite: str | Composite = DEFAULT_COMPOSITE
+    targeted: bool = False
+    relevance_every: int = 1
+    momentum: float = 0.0
+    flip_back: bool = False
+    trace: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eps is not None:
+            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps):
+                raise ValueError(f"eps must be a finite number > 0 or None; got {self.eps!r}")
+            if self.eps <= 0:
+                raise ValueError(f"eps must be > 0; got {self.eps!r}")
+        _check_n_batch(self.n_batch)
+        _check_positive_int("max_iter", self.max_iter)
+        _check_positive_int("relevance_every", self.relevance_every)
+        for flag in ("early_stop", "targeted", "flip_back", "trace"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool; got {getattr(self, flag)!r}")
+        if not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < math.inf:
+            raise ValueError(f"momentum must be a finite number >= 0 (0 = off); got {self.momentum!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int; got {self.seed!r}")
+        check_composite(self.composite)
+
+    def step_size(self, bounds: tuple[float, float]) -> float:
+        """eps, or one 8-bit level of the bounds' range when eps is None."""
+        return (bounds[1] - bounds[0]) / 256.0 if self.eps is None else float(self.eps)
+
+    def batch_count(self, input_size: int) -> int:
+        """n_batch as a count of input values for inputs of ``input_size`` values."""
+        if isinstance(self.n_batch, float):
+            return max(1, round(self.n_batch * input_size))
+        if self.n_batch > input_size:
+            raise ValueError(f"n_batch must be at most the input size {input_size}; got {self.n_batch}")
+        return self.n_batch
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0; got {value!r}")
+
+
+def _check_n_batch(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"n_batch must be an int count or a float fraction in (0, 1]; got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"n_batch as a float is a fraction of the input size in (0, 1]; got {value!r}")
+    if isinstance(value, int) and value <= 0:
+        raise ValueError(f"n_batch must be > 0; got {value!r}")
+
+
+@dataclass(frozen=True)
+class AttackTrace:
+    """Per-iteration record, rows 0..max_iter (row t = after t steps), one column per sample.
+
+    What the thesis plots in Figs. 4.2-4.10: the original class's probability f_ca, success, and the
+    L0/L1/L2/Linf norms of the perturbation. A sample stopped early keeps its last values.
+    """
+
+    original_probability: torch.Tensor
+    success: torch.Tensor
+    l0: torch.Tensor
+    l1: torch.Tensor
+    l2: torch.Tensor
+    linf: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """x_adv like x; success and iterations (steps taken) per sample; the class relevance targeted."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    iterations: torch.Tensor
+    original_class: torch.Tensor
+    trace: AttackTrace | None = None
+
+
+@dataclass
+class StepState:
+    """What a pattern sees for the samples still being attacked (all tensors hold those rows only)."""
+
+    x_adv: torch.Tensor
+    x_orig: torch.Tensor
+    gradient: torch.Tensor | None
+    relevance: torch.Tensor | None
+    n_batch: int
+    eps: float
+    low: float
+    high: float
+    rows: torch.Tensor
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+
+class Pattern:
+    """An adversarial pattern: how x~ changes in one iteration (thesis eq. 2.31 and Algorithms 3-8).
+
+    ``memory`` holds full-batch per-sample state (flip masks, momentum, channel means) across iterations;
+    ``init_memory`` fills it once from the original batch.
+    """
+
+    name = "pattern"
+    needs_gradient = False
+    needs_relevance = True
+    supports_targeted = False
+
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
+        return {}
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        raise NotImplementedError  # every concrete pattern overrides it
+
+
+def top_relevant(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` highest scores per sample (thesis eq. 3.1 for a batch of values)."""
+    flat = scores.flatten(1)
+    count = min(count, flat.shape[1])
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(1, flat.topk(count, dim=1, sorted=False).indices, True)
+    return mask.view_as(scores)
+
+
+def channel_means(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-channel mean m_k of the original image (eq. 3.2), broadcastable against x."""
+    if x.dim() <= 2:
+        return x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def mean_step(state: StepState, mask: torch.Tensor) -> torch.Tensor:
+    """Move masked values by eps toward their channel mean, landing on it rather than crossing it (eq. 3.2)."""
+    x, target = state.x_adv, state.memory["mean"][state.rows]
+    gap = target - x
+    moved = torch.where(gap.abs() <= state.eps, target.expand_as(x), x + gap.sign() * state.eps)
+    return torch.where(mask, moved, x)
+
+
+def sign_step(state: StepState, direction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x + eps * sign(direction) on the masked values, clipped to the bounds (eqs. 3.3-3.5, 2.30)."""
+    pattern = direction.sign()
+    if mask is not None:
+        pattern = pattern * mask
+    return (state.x_adv + state.eps * pattern).clamp(state.low, state.high)
+
+
+class FlipPattern(Pattern):
+    """LRP-flip / batch-flip (Algorithms 3-5): reflect the n_batch most relevant values across the bounds'
+    midpoint, x -> lo + hi - x (the thesis's sign flip on [-1, 1]).
+
+    With ``flip_back=False`` (default) a flipped value is never selected again, which removes the looping
+    the thesis reports (Figs. 3.12-3.13); with True a value may toggle back. Values are always exactly
+    x or lo + hi - x of the original image. eps is unused. Untargeted only.
+    """
+
+    name = "flip"
+
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
+        return {"flipped": torch.zeros_like(x, dtype=torch.bool)}
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        flipped = state.memory["flipped"][state.rows]
+        scores = state.relevance
+        if not config.flip_back:
+            scores = scores.masked_fill(flipped, -math.inf)
+        mask = top_relevant(scores, state.n_batch)
+        if not config.flip_back:
+            mask &= ~flipped
+        flipped = flipped ^ mask
+        state.memory["flipped"][state.rows] = flipped
+        return torch.where(flipped, state.low + state.high - state.x_orig, state.x_orig)
+
+
+class MeanPattern(Pattern):
+    """LRP-mean (Algorithm 6, eq. 3.2): move the n_batch most relevant values by eps toward their channel's
+    mean, computed once from the original image, and never past it. Untargeted only."""
+
+    name = "mean"
+
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
+        return {"mean": channel_means(x)}
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        return mean_step(state, top_relevant(state.relevance, state.n_batch))
+
+
+class GradPattern(Pattern):
+    """LRP-grad (Algorithm 7, eqs. 3.3-3.5): the IFGSM sign-gradient step on the n_batch most relevant values.
+
+    With n_batch = all values it is IFGSM. ``momentum`` mu > 0 accumulates L1-normalized gradients as in
+    MI-FGSM (thesis 5.2.1). Follows the thesis text (most positive relevance); the thesis's public code
+    also steps the most negative-relevance values, which we do not.
+    """
+
+    name = "grad"
+    needs_gradient = True
+    supports_targeted = True
+
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
+        return {"velocity": torch.zeros_like(x)} if config.momentum > 0 else {}
+
+    def direction(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        """The loss gradient, or the momentum-accumulated one."""
+        if config.momentum <= 0:
+            return state.gradient
+        norm = state.gradient.abs().flatten(1).sum(1).clamp_min(1e-12)
+        norm = norm.view(-1, *([1] * (state.gradient.dim() - 1)))
+        velocity = config.momentum * state.memory["velocity"][state.rows] + state.gradient / norm
+        state.memory["velocity"][state.rows] = velocity
+        return velocity
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        return sign_step(state, self.direction(state, config), top_relevant(state.relevance, state.n_batch))
+
+
+class GradMeanPattern(GradPattern):
+    """LRP-grad+mean (thesis 5.2.1): LRP-grad, switching to the LRP-mean pattern for each sample whose loss
+    gradient is all zero (the vanishing gradients of Table 4.2). Targeted runs use the mean fallback as an
+    untargeted move out of the flat region."""
+
+    name = "grad_mean"
+
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
+        return {**super().init_memory(x, config), "mean": channel_means(x)}
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        mask = top_relevant(state.relevance, state.n_batch)
+        vanished = _all_zero(state.gradient)
+        grad_step = sign_step(state, self.direction(state, config), mask)
+        return torch.where(vanished, mean_step(state, mask), grad_step)
+
+
+class NoiseIFGSMPattern(Pattern):
+    """IFGSM with noise injection (Algorithm 8): where a sample's gradient is all zero, step along the sign
+    of Gaussian noise instead. A reference variant; uses no relevance."""
+
+    name = "ifgsm_noise"
+    needs_gradient = True
+    needs_relevance = False
+    supports_targeted = True
+
+    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+        noise = torch.randn(state.gradient.shape, generator=state.generator, device="cpu")
+        noise = noise.to(device=state.gradient.device, dtype=state.gradient.dtype)
+        direction = torch.where(_all_zero(state.gradient), noise, state.gradient)
+        return sign_step(state, direction, None)
+
+
+def _all_zero(gradient: torch.Tensor) -> torch.Tensor:
+    """Per-sample mask, broadcastable against ``gradient``: True where the whole gradient is zero."""
+    zero = (gradient.flatten(1) == 0).all(1)
+    return zero.view(-1, *([1] * (gradient.dim() - 1)))
+
+
+PATTERNS: dict[str, type[Pattern]] = {
+    cls.name: cls for cls in (FlipPattern, MeanPattern, GradPattern, GradMeanPattern, NoiseIFGSMPattern)
+}
+
+
+class _Tracer:
+    """Fills the AttackTrace rows; every sample's latest values are carried forward."""
+
+    def __init__(self, n_rows: int, n_samples: int, device: torch.device) -> None:
+        def empty() -> torch.Tensor:
+            return torch.zeros(n_rows, n_samples, dtype=torch.float64, device=device)
+
+        self.rows = {key: empty() for key in ("original_probability", "l0", "l1", "l2", "linf")}
+        self.rows["success"] = torch.zeros(n_rows, n_samples, dtype=torch.bool, device=device)
+        self.latest = {key: value[0].clone() for key, value in self.rows.items()}
+
+    def update(self, samples: torch.Tensor, logits: torch.Tensor, original: torch.Tensor,
+               success: torch.Tensor, perturbation: torch.Tensor) -> None:
+        probability = logits.detach().double().softmax(1).gather(1, original.view(-1, 1)).squeeze(1)
+        flat = perturbation.detach().double().flatten(1)
+        values = {
+            "original_probability": probability,
+            "success": success,
+            "l0": (flat != 0).sum(1).double(),
+            "l1": flat.abs().sum(1),
+            "l2": flat.norm(dim=1),
+            "linf": flat.abs().amax(1) if flat.shape[1] else flat.sum(1),
+        }
+        for key, value in values.items():
+            self.latest[key][samples] = value
+
+    def write(self, row: int) -> None:
+        for key, value in self.rows.items():
+            value[row:] = self.latest[key]
+
+    def result(self) -> AttackTrace:
+        return AttackTrace(**self.rows)
+
+
+def run_attack(
+    pattern: Pattern,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: Any = None,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    preprocessing: Any = None,
+    config: AttackConfig | None = None,
+) -> AttackResult:
+    """Thesis Algorithm 2 for any pattern: per iteration, one forward, the loss gradient (hooks inactive) and
+    the relevance (hooks active) from it, then x~ <- clip(pattern step), with per-sample early stop.
+
+    x: raw inputs (N, ...) within ``bounds``; y: labels (targets when ``config.targeted``), None = the
+    model's predictions (untargeted only); preprocessing: (mean, std) applied before the model.
+    """
+    config = config or AttackConfig()
+    low, high = check_bounds(bounds)
+    x = check_inputs(x, (low, high))
+    if config.targeted and not pattern.supports_targeted:
+        raise ValueError(f"the {pattern.name} attack cannot honour a target; use targeted=False")
+    if config.targeted and y is None:
+        raise ValueError("targeted attacks need y: the target class of each sample")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    n_batch = config.batch_count(x[0].numel() if x.shape[0] else math.prod(x.shape[1:]))
+    composite = config.composite if pattern.needs_relevance else Composite()
+    canonizers = None if pattern.needs_relevance else []  # no relevance pass: no BatchNorm merge to demand
+    relevance = Relevance(model, composite, canonizers=canonizers, preprocessing=preprocessing, bounds=(low, high))
+    if x.shape[0] == 0:
+        return _empty_result(x, config)
+    x_orig = x.detach().clone()
+    with relevance.attached(x_orig):
+        clean_logits = _clean_logits(relevance, x_orig)
+        prediction = clean_logits.argmax(1)
+        labels = prediction if y is None else check_labels(y, x.shape[0], clean_logits.shape[1], x.device)
+        original = prediction if config.targeted else labels
+        return _iterate(pattern, relevance, x_orig, labels, original, (low, high), n_batch, config)
+
+
+def _clean_logits(relevance: Relevance, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the clean batch; a shape the model cannot take becomes a ValueError naming x."""
+    try:
+        with torch.no_grad():
+            logits = relevance.model(relevance.normalize(x).to(relevance.param_dtype))
+    except RuntimeError as error:
+        raise ValueError(f"x has shape {tuple(x.shape)}, which the model cannot take: {error}") from error
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits shaped (N, classes); got {tuple(logits.shape)}")
+    return logits
+
+
+def _iterate(
+    pattern: Pattern,
+    relevance: Relevance,
+    x_orig: torch.Tensor,
+    labels: torch.Tensor,
+    original: torch.Tensor,
+    bounds: tuple[float, float],
+    n_batch: int,
+    config: AttackConfig,
+) -> AttackResult:
+    n_samples, device = x_orig.shape[0], x_orig.device
+    x_adv = x_orig.clone()
+    active = torch.ones(n_samples, dtype=torch.bool, device=device)
+    succeeded = torch.zeros(n_samples, dtype=torch.bool, device=device)
+    iterations = torch.full((n_samples,), config.max_iter, dtype=torch.long, device=device)
+    memory = pattern.init_memory(x_orig, config)
+    stored_relevance = torch.zeros_like(x_orig) if pattern.needs_relevance else None
+    tracer = _Tracer(config.max_iter + 1, n_samples, device) if config.trace else None
+    generator = torch.Generator().manual_seed(config.seed)
+    direction = -1.0 if config.targeted else 1.0
+
+    for iteration in range(config.max_iter):
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        z, logits = relevance.forward(x_adv[rows])
+        success = _is_success(logits.detach(), labels[rows], config.targeted)
+        if tracer is not None:
+            tracer.update(rows, logits, original[rows], success, x_adv[rows] - x_orig[rows])
+            tracer.write(iteration)
+        if config.early_stop:
+            finished = rows[success]
+            succeeded[finished], active[finished], iterations[finished] = True, False, iteration
+            if bool(success.all()):
+                break
+        keep = ~success if config.early_stop else torch.ones_like(success)
+        gradient = None
+        needs_relevance = pattern.needs_relevance and iteration % config.relevance_every == 0
+        if pattern.needs_gradient:
+            loss = direction * nn.functional.cross_entropy(logits[keep], labels[rows][keep], reduction="sum")
+            gradient = relevance.gradient(z, loss, retain_graph=needs_relevance).to(x_orig.dtype)
+        if needs_relevance:
+            stored_relevance[rows] = relevance.relevance(z, logits, original[rows]).to(x_orig.dtype)
+        del z, logits
+        step_rows = rows[keep]
+        state = StepState(
+            x_adv=x_adv[step_rows], x_orig=x_orig[step_rows],
+            gradient=None if gradient is None else gradient[keep],
+            relevance=None if stored_relevance is None else stored_relevance[step_rows],
+            n_batch=n_batch, eps=config.step_size(bounds), low=bounds[0], high=bounds[1],
+            rows=step_rows, memory=memory, generator=generator,
+        )
+        x_adv[step_rows] = pattern.step(state, config).detach()
+
+    with torch.no_grad():
+        final_logits = relevance.model(relevance.normalize(x_adv).to(relevance.param_dtype))
+    final_success = _is_success(final_logits, labels, config.targeted)
+    if config.early_stop:
+        final_success |= succeeded
+    if tracer is not None:
+        tracer.update(active.nonzero().squeeze(1), final_logits[active], original[active],
+                      final_success[active], (x_adv - x_orig)[active])
+        tracer.write(config.max_iter)
+    return AttackResult(
+        x_adv=x_adv.detach(), success=final_success, iterations=iterations, original_class=original,
+        trace=tracer.result() if tracer is not None else None,
+    )
+
+
+def _is_success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    prediction = logits.argmax(1)
+    return prediction == labels if targeted else prediction != labels
+
+
+def _empty_result(x: torch.Tensor, config: AttackConfig) -> AttackResult:
+    empty_long = torch.zeros(0, dtype=torch.long, device=x.device)
+    trace = None
+    if config.trace:
+        rows = config.max_iter + 1
+        zeros = torch.zeros(rows, 0, dtype=torch.float64, device=x.device)
+        trace = AttackTrace(zeros, zeros.bool(), zeros, zeros, zeros, zeros)
+    return AttackResult(x.detach().clone(), empty_long.bool(), empty_long, empty_long, trace)
+
+
+AttackFn = Callable[..., AttackResult]
+
+
+def _functional(pattern_name: str, defaults: dict[str, Any]) -> AttackFn:
+    """Build the functional form of one attack: ``fn(model, x, y=None, *, bounds, preprocessing, **params)``."""
+    pattern_cls = PATTERNS[pattern_name]
+
+    def attack(model: nn.Module, x: torch.Tensor, y: Any = None, *, bounds: tuple[float, float] = (0.0, 1.0),
+               preprocessing: Any = None, **params: Any) -> AttackResult:
+        config = make_config(pattern_name, **params)
+        return run_attack(pattern_cls(), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config)
+
+    attack.__name__ = attack.__qualname__ = f"lrp_{pattern_name}" if pattern_name != "ifgsm_noise" else pattern_name
+    attack.__doc__ = (pattern_cls.__doc__ or "") + f"\n\n    Defaults: {defaults}. Returns an AttackResult."
+    return attack
+
+
+#: Parameters each attack accepts, with its defaults (thesis Table 4.1, MNIST row).
+ATTACK_PARAMS: dict[str, dict[str, Any]] = {
+    "flip": {"n_batch": DEFAULT_N_BATCH["flip"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
+             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "flip_back": False,
+             "trace": False},
+    "mean": {"eps": None, "n_batch": DEFAULT_N_BATCH["mean"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
+             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "trace": False},
+    "grad": {"eps": None, "n_batch": DEFAULT_N_BATCH["grad"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
+             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "momentum": 0.0,
+             "trace": False},
+}
+ATTACK_PARAMS["grad_mean"] = dict(ATTACK_PARAMS["grad"])
+ATTACK_PARAMS["ifgsm_noise"] = {"eps": None, "max_iter": DEFAULT_MAX_ITER, "early_stop": True, "targeted": False,
+                                "trace": False, "seed": 0}
+
+
+def make_config(pattern_name: str, **params: Any) -> AttackConfig:
+    """The AttackConfig of one attack from keyword parameters; an unknown keyword is a clear error."""
+    allowed = ATTACK_PARAMS[pattern_name]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {unknown} for the {pattern_name} attack; valid: {sorted(allowed)}")
+    config = replace(AttackConfig(), **{**allowed, **params})
+    if config.targeted and not PATTERNS[pattern_name].supports_targeted:
+        raise ValueError(f"the {pattern_name} attack cannot honour a target; use targeted=False")
+    return config
+
+
+lrp_flip = _functional("flip", ATTACK_PARAMS["flip"])
+lrp_mean = _functional("mean", ATTACK_PARAMS["mean"])
+lrp_grad = _functional("grad", ATTACK_PARAMS["grad"])
+lrp_grad_mean = _functional("grad_mean", ATTACK_PARAMS["grad_mean"])
+ifgsm_noise = _functional("ifgsm_noise", ATTACK_PARAMS["ifgsm_noise"])

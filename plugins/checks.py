@@ -1,0 +1,77 @@
+"""Input validation shared by attacks and detectors: clear errors that name the argument, before any work."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_inputs(x: object, bounds: tuple[float, float], *, name: str = "x") -> torch.Tensor:
+    """Return ``x`` as a floating tensor after checking it is finite and inside ``bounds``.
+
+    The caller's tensor is never modified; a non-floating tensor is refused rather than silently cast.
+    """
+    low, high = check_bounds(bounds)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    tolerance = 1e-6 * (high - low)
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_min < low - tolerance or x_max > high + tolerance:
+        raise ValueError(f"{name} has values in [{x_min:.6g}, {x_max:.6g}], outside the bounds [{low}, {high}]")
+    return x
+
+
+def check_bounds(bounds: object) -> tuple[float, float]:
+    """``bounds`` as a float pair (low, high) with low < high, both finite."""
+    try:
+        low, high = (float(value) for value in bounds)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be a pair (low, high); got {bounds!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"bounds must be finite with low < high; got ({low}, {high})")
+    return low, high
+
+
+def check_labels(y: object, n_samples: int, n_classes: int, device: torch.device, *, name: str = "y") -> torch.Tensor:
+    """Class indices (N,) from labels given as (N,), (N, 1) or one-hot (N, K) arrays or tensors.
+
+    Refuses non-integer values, negatives, indices >= ``n_classes``, a wrong count and malformed one-hot rows.
+    """
+    labels = torch.as_tensor(y.copy() if hasattr(y, "copy") and not isinstance(y, torch.Tensor) else y)
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    elif labels.dim() == 2 and labels.shape[1] == n_classes and n_classes > 1:
+        labels = _from_one_hot(labels, name)
+    if labels.dim() != 1 or labels.shape[0] != n_samples:
+        raise ValueError(
+            f"{name} must be {n_samples} labels shaped (N,), (N, 1) or one-hot (N, {n_classes}); "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices; got booleans")
+    if labels.is_floating_point():
+        if not bool(torch.all(labels == labels.round())):
+            raise ValueError(f"{name} must hold integer class indices; got non-integer values")
+        labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(
+            f"{name} must hold class indices in [0, {n_classes - 1}]; got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.long().to(device)
+
+
+def _from_one_hot(labels: torch.Tensor, name: str) -> torch.Tensor:
+    is_binary = bool(torch.all((labels == 0) | (labels == 1)))
+    if not is_binary or not bool(torch.all(labels.sum(1) == 1)):
+        raise ValueError(f"{name} given as (N, K) must be one-hot: one 1 per row and 0 elsewhere")
+    return labels.argmax(1)

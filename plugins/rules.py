@@ -1,0 +1,188 @@
+"""Faster LRP rules for Conv2d and Linear, plugged into Zennit's composites as hooks.
+
+Zennit's stock rules (``zennit.rules``) recompute each layer's forward under modified parameters and
+differentiate it with autograd inside the backward hook: two to four extra forwards and backwards per
+layer. These hooks compute the same relevance in closed form (one forward with modified weights where
+the rule needs it, one transposed convolution per term) and skip the terms that vanish, such as the
+negative-input half of z+ and alpha-beta behind a ReLU. tests/plugins/test_rules.py proves each equal to
+the stock rule in float64. Rule names and equations follow Zennit and the thesis (eqs. 2.23, 2.25).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from zennit.composites import (
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+)
+from zennit.core import Composite, Hook, stabilize
+
+DEFAULT_STABILIZER = 1e-6
+Layer = nn.Conv2d | nn.Linear
+
+
+def _layer_forward(module: Layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if module.padding_mode != "zeros":
+        raise ValueError(f"fast LRP rules support zero padding only; {module} uses {module.padding_mode!r}")
+    return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _layer_transpose(module: Layer, input_shape: torch.Size, weight: torch.Tensor,
+                     signal: torch.Tensor) -> torch.Tensor:
+    """The input-gradient of the layer with ``weight``: W^T signal (a transposed convolution for Conv2d)."""
+    if isinstance(module, nn.Linear):
+        return signal @ weight
+    return torch.nn.grad.conv2d_input(input_shape, weight, signal, module.stride, module.padding,
+                                      module.dilation, module.groups)
+
+
+def _positive_bias(module: Layer) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.clamp(min=0)
+
+
+def _negative_bias(module: Layer) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.clamp(max=0)
+
+
+class FastRule(Hook):
+    """A Zennit hook whose backward is :meth:`relevance` computed in closed form from the stored input.
+
+    Subclasses implement ``relevance(module, x, relevance_out)``; ``stabilizer`` is Zennit's (a float
+    added with the sign of the denominator, +1 for 0).
+    """
+
+    def __init__(self, stabilizer: float = DEFAULT_STABILIZER) -> None:
+        super().__init__()
+        self.stabilizer = float(stabilizer)
+
+    def forward(self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.stored_tensors["input"] = input[0].detach()
+
+    def backward(self, module: nn.Module, grad_input: tuple[torch.Tensor | None, ...],
+                 grad_output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        relevance = self.relevance(module, self.stored_tensors["input"], grad_output[0])
+        return tuple(relevance if item is not None and item.shape == relevance.shape else None
+                     for item in grad_input)
+
+    def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # every rule below overrides it
+
+    def copy(self) -> FastRule:
+        return type(self)(**self._params())
+
+    def _params(self) -> dict[str, Any]:
+        return {"stabilizer": self.stabilizer}
+
+    def _ratio(self, relevance_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return relevance_out / stabilize(z, self.stabilizer)
+
+
+class FastEpsilon(FastRule):
+    """LRP-epsilon (eq. 2.23): R_in = x * W^T (R / (z + eps sign(z))), z the layer's own output."""
+
+    def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        z = _layer_forward(module, x, module.weight, module.bias)
+        return x * _layer_transpose(module, x.shape, module.weight, self._ratio(relevance_out, z))
+
+
+class FastZPlus(FastRule):
+    """LRP-z+ as Zennit's ZPlus: z = W+ x+ + b+ + W- x-; R_in = x+ W+^T s + x- W-^T s, s = R / z.
+
+    The x- terms are skipped when the input has no negative value (any layer behind a ReLU).
+    """
+
+    def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
+        has_negative = bool((x < 0).any())
+        x_pos = x.clamp(min=0) if has_negative else x
+        z = _layer_forward(module, x_pos, w_pos, _positive_bias(module))
+        if has_negative:
+            z = z + _layer_forward(module, x.clamp(max=0), w_neg, None)
+        signal = self._ratio(relevance_out, z)
+        relevance = x_pos * _layer_transpose(module, x.shape, w_pos, signal)
+        if has_negative:
+            relevance = relevance + x.clamp(max=0) * _layer_transpose(module, x.shape, w_neg, signal)
+        return relevance
+
+
+class FastAlphaBeta(FastRule):
+    """LRP-alpha-beta (eq. 2.25) as Zennit's AlphaBeta, alpha - beta = 1.
+
+    Positive part z+ = W+ x+ + b+ + W- x-, negative part z- = W- x+ + b- + W+ x-;
+    R_in = alpha (x+ W+^T s+ + x- W-^T s+) - beta (x+ W-^T s- + x- W+^T s-). x- terms skipped when x >= 0.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = DEFAULT_STABILIZER) -> None:
+        if alpha < 0 or beta < 0 or alpha - beta != 1.0:
+            raise ValueError(f"alpha and beta must be >= 0 with alpha - beta = 1; got {alpha}, {beta}")
+        super().__init__(stabilizer)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def _params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta, "stabilizer": self.stabilizer}
+
+    def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
+        has_negative = bool((x < 0).any())
+        x_pos = x.clamp(min=0) if has_negative else x
+        x_neg = x.clamp(max=0)
+        parts = []
+        for w_same, w_other, bias in ((w_pos, w_neg, _positive_bias(module)), (w_neg, w_pos, _negative_bias(module))):
+            z = _layer_forward(module, x_pos, w_same, bias)
+            if has_negative:
+                z = z + _layer_forward(module, x_neg, w_other, None)
+            signal = self._ratio(relevance_out, z)
+            part = x_pos * _layer_transpose(module, x.shape, w_same, signal)
+            if has_negative:
+                part = part + x_neg * _layer_transpose(module, x.shape, w_other, signal)
+            parts.append(part)
+        return self.alpha * parts[0] - self.beta * parts[1]
+
+
+class FastFlat(FastRule):
+    """LRP-flat as Zennit's Flat: all weights and inputs one, no bias; R_in = 1^T (R / z_flat).
+
+    z_flat depends only on the shapes, so it is computed once per input shape and reused.
+    """
+
+    def __init__(self, stabilizer: float = DEFAULT_STABILIZER) -> None:
+        super().__init__(stabilizer)
+        self._denominator: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(module.weight)
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._denominator:
+            self._denominator[key] = _layer_forward(module, torch.ones_like(x[:1]), ones, None)
+        signal = self._ratio(relevance_out, self._denominator[key].expand_as(relevance_out))
+        return _layer_transpose(module, x.shape, ones, signal)
+
+
+FAST_LAYERS = (nn.Conv2d, nn.Linear)
+
+#: name -> factory of the stock Zennit composite with the fast rules plugged in for Conv2d and Linear.
+#: Prepended layer maps take precedence over the composite's own; other layer types keep the stock rules.
+FAST_COMPOSITES: dict[str, Callable[..., Composite]] = {
+    "epsilon_plus_flat": lambda canonizers, box: EpsilonPlusFlat(
+        layer_map=[(nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
+        first_map=[(FAST_LAYERS, FastFlat())], canonizers=canonizers),
+    "epsilon_plus": lambda canonizers, box: EpsilonPlus(
+        layer_map=[(nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())], canonizers=canonizers),
+    "epsilon_alpha2_beta1_flat": lambda canonizers, box: EpsilonAlpha2Beta1Flat(
+        layer_map=[(nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
+        first_map=[(FAST_LAYERS, FastFlat())], canonizers=canonizers),
+    "epsilon_alpha2_beta1": lambda canonizers, box: EpsilonAlpha2Beta1(
+        layer_map=[(nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())], canonizers=canonizers),
+    "epsilon_gamma_box": lambda canonizers, box: EpsilonGammaBox(
+        low=box[0], high=box[1], layer_map=[(nn.Linear, FastEpsilon())], canonizers=canonizers),
+}
