@@ -51,7 +51,11 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         if self.eps is not None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps):
+            if (
+                isinstance(self.eps, bool)
+                or not isinstance(self.eps, (int, float))
+                or not math.isfinite(self.eps)
+            ):
                 raise ValueError(f"eps must be a finite number > 0 or None; got {self.eps!r}")
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0; got {self.eps!r}")
@@ -174,7 +178,7 @@ def channel_means(x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_step(state: StepState, mask: torch.Tensor) -> torch.Tensor:
-    """Move masked values by eps toward their channel mean, landing on it rather than crossing it (eq. 3.2)."""
+    """Move masked values by eps toward their channel mean, landing on it, never crossing it (eq. 3.2)."""
     x, target = state.x_adv, state.memory["mean"][state.rows]
     gap = target - x
     moved = torch.where(gap.abs() <= state.eps, target.expand_as(x), x + gap.sign() * state.eps)
@@ -313,8 +317,14 @@ class _Tracer:
         self.rows["success"] = torch.zeros(n_rows, n_samples, dtype=torch.bool, device=device)
         self.latest = {key: value[0].clone() for key, value in self.rows.items()}
 
-    def update(self, samples: torch.Tensor, logits: torch.Tensor, original: torch.Tensor,
-               success: torch.Tensor, perturbation: torch.Tensor) -> None:
+    def update(
+        self,
+        samples: torch.Tensor,
+        logits: torch.Tensor,
+        original: torch.Tensor,
+        success: torch.Tensor,
+        perturbation: torch.Tensor,
+    ) -> None:
         probability = logits.detach().double().softmax(1).gather(1, original.view(-1, 1)).squeeze(1)
         flat = perturbation.detach().double().flatten(1)
         values = {
@@ -336,6 +346,12 @@ class _Tracer:
         return AttackTrace(**self.rows)
 
 
+def check_target_support(pattern: Pattern | type[Pattern], targeted: bool) -> None:
+    """Refuse a targeted run of a pattern that cannot honour a target (flip, mean: relevance only)."""
+    if targeted and not pattern.supports_targeted:
+        raise ValueError(f"the {pattern.name} attack cannot honour a target; use targeted=False")
+
+
 def run_attack(
     pattern: Pattern,
     model: nn.Module,
@@ -355,19 +371,17 @@ def run_attack(
     config = config or AttackConfig()
     low, high = check_bounds(bounds)
     x = check_inputs(x, (low, high))
-    if config.targeted and not pattern.supports_targeted:
-        raise ValueError(f"the {pattern.name} attack cannot honour a target; use targeted=False")
+    check_target_support(pattern, config.targeted)
     if config.targeted and y is None:
         raise ValueError("targeted attacks need y: the target class of each sample")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     n_batch = config.batch_count(x[0].numel() if x.shape[0] else math.prod(x.shape[1:]))
-    composite = config.composite if pattern.needs_relevance else Composite()
-    canonizers = None if pattern.needs_relevance else []  # no relevance pass: no BatchNorm merge to demand
-    relevance = Relevance(model, composite, canonizers=canonizers, preprocessing=preprocessing, bounds=(low, high))
+    composite = config.composite if pattern.needs_relevance else Composite()  # no hooks, no BatchNorm merge
+    relevance = Relevance(model, composite, preprocessing=preprocessing, bounds=(low, high))
     if x.shape[0] == 0:
         return _empty_result(x, config)
-    x_orig = x.detach().clone()
+    x_orig = x.detach().clamp(low, high)  # a copy; absorbs the rounding check_inputs tolerates
     with relevance.attached(x_orig):
         clean_logits = _clean_logits(relevance, x_orig)
         prediction = clean_logits.argmax(1)
@@ -434,11 +448,17 @@ def _iterate(
         del z, logits
         step_rows = rows[keep]
         state = StepState(
-            x_adv=x_adv[step_rows], x_orig=x_orig[step_rows],
+            x_adv=x_adv[step_rows],
+            x_orig=x_orig[step_rows],
             gradient=None if gradient is None else gradient[keep],
             relevance=None if stored_relevance is None else stored_relevance[step_rows],
-            n_batch=n_batch, eps=config.step_size(bounds), low=bounds[0], high=bounds[1],
-            rows=step_rows, memory=memory, generator=generator,
+            n_batch=n_batch,
+            eps=config.step_size(bounds),
+            low=bounds[0],
+            high=bounds[1],
+            rows=step_rows,
+            memory=memory,
+            generator=generator,
         )
         x_adv[step_rows] = pattern.step(state, config).detach()
 
@@ -448,11 +468,19 @@ def _iterate(
     if config.early_stop:
         final_success |= succeeded
     if tracer is not None:
-        tracer.update(active.nonzero().squeeze(1), final_logits[active], original[active],
-                      final_success[active], (x_adv - x_orig)[active])
+        tracer.update(
+            active.nonzero().squeeze(1),
+            final_logits[active],
+            original[active],
+            final_success[active],
+            (x_adv - x_orig)[active],
+        )
         tracer.write(config.max_iter)
     return AttackResult(
-        x_adv=x_adv.detach(), success=final_success, iterations=iterations, original_class=original,
+        x_adv=x_adv.detach(),
+        success=final_success,
+        iterations=iterations,
+        original_class=original,
         trace=tracer.result() if tracer is not None else None,
     )
 
@@ -476,33 +504,73 @@ AttackFn = Callable[..., AttackResult]
 
 
 def _functional(pattern_name: str, defaults: dict[str, Any]) -> AttackFn:
-    """Build the functional form of one attack: ``fn(model, x, y=None, *, bounds, preprocessing, **params)``."""
+    """The functional form of one attack: ``fn(model, x, y=None, *, bounds, preprocessing, **params)``."""
     pattern_cls = PATTERNS[pattern_name]
 
-    def attack(model: nn.Module, x: torch.Tensor, y: Any = None, *, bounds: tuple[float, float] = (0.0, 1.0),
-               preprocessing: Any = None, **params: Any) -> AttackResult:
+    def attack(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: Any = None,
+        *,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        preprocessing: Any = None,
+        **params: Any,
+    ) -> AttackResult:
         config = make_config(pattern_name, **params)
-        return run_attack(pattern_cls(), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config)
+        return run_attack(
+            pattern_cls(), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config
+        )
 
-    attack.__name__ = attack.__qualname__ = f"lrp_{pattern_name}" if pattern_name != "ifgsm_noise" else pattern_name
+    attack.__name__ = attack.__qualname__ = (
+        f"lrp_{pattern_name}" if pattern_name != "ifgsm_noise" else pattern_name
+    )
     attack.__doc__ = (pattern_cls.__doc__ or "") + f"\n\n    Defaults: {defaults}. Returns an AttackResult."
     return attack
 
 
 #: Parameters each attack accepts, with its defaults (thesis Table 4.1, MNIST row).
 ATTACK_PARAMS: dict[str, dict[str, Any]] = {
-    "flip": {"n_batch": DEFAULT_N_BATCH["flip"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
-             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "flip_back": False,
-             "trace": False},
-    "mean": {"eps": None, "n_batch": DEFAULT_N_BATCH["mean"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
-             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "trace": False},
-    "grad": {"eps": None, "n_batch": DEFAULT_N_BATCH["grad"], "max_iter": DEFAULT_MAX_ITER, "early_stop": True,
-             "composite": DEFAULT_COMPOSITE, "targeted": False, "relevance_every": 1, "momentum": 0.0,
-             "trace": False},
+    "flip": {
+        "n_batch": DEFAULT_N_BATCH["flip"],
+        "max_iter": DEFAULT_MAX_ITER,
+        "early_stop": True,
+        "composite": DEFAULT_COMPOSITE,
+        "targeted": False,
+        "relevance_every": 1,
+        "flip_back": False,
+        "trace": False,
+    },
+    "mean": {
+        "eps": None,
+        "n_batch": DEFAULT_N_BATCH["mean"],
+        "max_iter": DEFAULT_MAX_ITER,
+        "early_stop": True,
+        "composite": DEFAULT_COMPOSITE,
+        "targeted": False,
+        "relevance_every": 1,
+        "trace": False,
+    },
+    "grad": {
+        "eps": None,
+        "n_batch": DEFAULT_N_BATCH["grad"],
+        "max_iter": DEFAULT_MAX_ITER,
+        "early_stop": True,
+        "composite": DEFAULT_COMPOSITE,
+        "targeted": False,
+        "relevance_every": 1,
+        "momentum": 0.0,
+        "trace": False,
+    },
 }
 ATTACK_PARAMS["grad_mean"] = dict(ATTACK_PARAMS["grad"])
-ATTACK_PARAMS["ifgsm_noise"] = {"eps": None, "max_iter": DEFAULT_MAX_ITER, "early_stop": True, "targeted": False,
-                                "trace": False, "seed": 0}
+ATTACK_PARAMS["ifgsm_noise"] = {
+    "eps": None,
+    "max_iter": DEFAULT_MAX_ITER,
+    "early_stop": True,
+    "targeted": False,
+    "trace": False,
+    "seed": 0,
+}
 
 
 def make_config(pattern_name: str, **params: Any) -> AttackConfig:
@@ -510,10 +578,11 @@ def make_config(pattern_name: str, **params: Any) -> AttackConfig:
     allowed = ATTACK_PARAMS[pattern_name]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise TypeError(f"unknown parameter(s) {unknown} for the {pattern_name} attack; valid: {sorted(allowed)}")
+        raise TypeError(
+            f"unknown parameter(s) {unknown} for the {pattern_name} attack; valid: {sorted(allowed)}"
+        )
     config = replace(AttackConfig(), **{**allowed, **params})
-    if config.targeted and not PATTERNS[pattern_name].supports_targeted:
-        raise ValueError(f"the {pattern_name} attack cannot honour a target; use targeted=False")
+    check_target_support(PATTERNS[pattern_name], config.targeted)
     return config
 
 

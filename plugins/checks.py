@@ -10,7 +10,9 @@ import torch
 def check_inputs(x: object, bounds: tuple[float, float], *, name: str = "x") -> torch.Tensor:
     """Return ``x`` as a floating tensor after checking it is finite and inside ``bounds``.
 
-    The caller's tensor is never modified; a non-floating tensor is refused rather than silently cast.
+    Values up to 1e-6 of the range outside the bounds (float rounding in the caller's pipeline) pass;
+    the attacks clamp their working copy into the bounds. The caller's tensor is never modified; a
+    non-floating tensor is refused rather than silently cast.
     """
     low, high = check_bounds(bounds)
     if not isinstance(x, torch.Tensor):
@@ -26,12 +28,16 @@ def check_inputs(x: object, bounds: tuple[float, float], *, name: str = "x") -> 
     tolerance = 1e-6 * (high - low)
     x_min, x_max = float(x.min()), float(x.max())
     if x_min < low - tolerance or x_max > high + tolerance:
-        raise ValueError(f"{name} has values in [{x_min:.6g}, {x_max:.6g}], outside the bounds [{low}, {high}]")
+        raise ValueError(
+            f"{name} has values in [{x_min:.6g}, {x_max:.6g}], outside the bounds [{low}, {high}]"
+        )
     return x
 
 
 def check_bounds(bounds: object) -> tuple[float, float]:
     """``bounds`` as a float pair (low, high) with low < high, both finite."""
+    if isinstance(bounds, (str, bytes)):
+        raise ValueError(f"bounds must be a pair (low, high); got {bounds!r}")
     try:
         low, high = (float(value) for value in bounds)  # type: ignore[union-attr]
     except (TypeError, ValueError):
@@ -41,7 +47,9 @@ def check_bounds(bounds: object) -> tuple[float, float]:
     return low, high
 
 
-def check_labels(y: object, n_samples: int, n_classes: int, device: torch.device, *, name: str = "y") -> torch.Tensor:
+def check_labels(
+    y: object, n_samples: int, n_classes: int, device: torch.device, *, name: str = "y"
+) -> torch.Tensor:
     """Class indices (N,) from labels given as (N,), (N, 1) or one-hot (N, K) arrays or tensors.
 
     Refuses non-integer values, negatives, indices >= ``n_classes``, a wrong count and malformed one-hot rows.

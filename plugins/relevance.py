@@ -63,7 +63,8 @@ def as_preprocessing(preprocessing: object, like: torch.Tensor) -> Preprocessing
         return None
     if not isinstance(preprocessing, (tuple, list)) or len(preprocessing) != 2:
         raise ValueError(f"preprocessing must be None or a pair (mean, std); got {preprocessing!r}")
-    mean, std = (_channel_tensor(value, like, name) for value, name in zip(preprocessing, ("mean", "std")))
+    pairs = zip(preprocessing, ("mean", "std"), strict=True)
+    mean, std = (_channel_tensor(value, like, name) for value, name in pairs)
     if not bool(torch.all(std > 0)):
         raise ValueError("preprocessing std must be positive everywhere")
     return mean, std
@@ -88,7 +89,7 @@ def _channel_tensor(value: object, like: torch.Tensor, name: str) -> torch.Tenso
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
-    return all(size in (1, full) for size, full in zip(shape[1:], target[1:]))
+    return all(size in (1, full) for size, full in zip(shape[1:], target[1:], strict=True))
 
 
 def _has_torchvision_residual(model: nn.Module) -> bool:
@@ -119,7 +120,11 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
 
 def _unmerged_batchnorms(model: nn.Module) -> list[str]:
     """Names of BatchNorm layers a merge canonizer left in place (a merged one is the identity)."""
-    return [name for name, module in model.named_modules() if isinstance(module, BatchNorm) and not _is_identity(module)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, BatchNorm) and not _is_identity(module)
+    ]
 
 
 def _is_identity(batch_norm: nn.Module) -> bool:
@@ -190,9 +195,16 @@ class Relevance:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_composite(composite)
+        if canonizers is not None and isinstance(composite, Composite):
+            raise ValueError(
+                "canonizers= applies to named composites; build your Composite with canonizers=[...]"
+            )
         self.model = model
         self.composite = composite
-        self.canonizers = list(default_canonizers(model) if canonizers is None else canonizers)
+        if isinstance(composite, Composite):
+            self.canonizers = list(composite.canonizers)
+        else:
+            self.canonizers = list(default_canonizers(model) if canonizers is None else canonizers)
         self.preprocessing = preprocessing
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.fast_rules = fast_rules
@@ -248,7 +260,9 @@ class Relevance:
             yield self
             return
         self._norm = as_preprocessing(self.preprocessing, like)
-        low, high = (torch.full((1,), bound, dtype=torch.float64, device=like.device) for bound in self.bounds)
+        low, high = (
+            torch.full((1,), bound, dtype=torch.float64, device=like.device) for bound in self.bounds
+        )
         box = (self.normalize(low).to(self.param_dtype), self.normalize(high).to(self.param_dtype))
         composite = build_composite(self.composite, self.canonizers, box, fast_rules=self.fast_rules)
         modes = [(module, module.training) for module in self.model.modules()]
@@ -256,11 +270,11 @@ class Relevance:
         try:
             composite.register(self.model)
             self._active = composite
-            unmerged = _unmerged_batchnorms(self.model) if self.canonizers else []
+            unmerged = _unmerged_batchnorms(self.model) if len(composite.hook_refs) else []
             if unmerged:
                 raise ValueError(
-                    f"BatchNorm layers {unmerged} could not be merged into a preceding linear layer; "
-                    "pass canonizers=[...] that handle them"
+                    f"BatchNorm layers {unmerged} are not merged into a preceding linear layer, so relevance "
+                    "would not be conserved; pass canonizers=[...] (for a Composite: build it with them)"
                 )
             yield self
         finally:
@@ -296,6 +310,8 @@ class Relevance:
         With ``scale_by_logit`` the output relevance is the target logit, so relevance sums to f_t(x).
         """
         self._require_attached()
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
+            raise ValueError(f"target must hold class indices in [0, {logits.shape[1] - 1}]")
         output_relevance = torch.zeros_like(logits)
         output_relevance.scatter_(1, target.view(-1, 1), 1.0)
         if scale_by_logit:
@@ -330,7 +346,9 @@ class Relevance:
         if tensor.dim() == 0:
             tensor = tensor.expand(x.shape[0])
         if tensor.dtype.is_floating_point or tensor.shape != (x.shape[0],):
-            raise ValueError(f"target must be one class index per sample ({x.shape[0]}); got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"target must be one class index per sample ({x.shape[0]}); got shape {tuple(tensor.shape)}"
+            )
         return tensor.long()
 
 

@@ -23,13 +23,15 @@ from zennit.composites import (
     EpsilonPlus,
     EpsilonPlusFlat,
 )
-from zennit.core import Composite, Hook, stabilize
+from zennit.core import Composite, Hook
 
 DEFAULT_STABILIZER = 1e-6
 Layer = nn.Conv2d | nn.Linear
 
 
-def _layer_forward(module: Layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _layer_forward(
+    module: Layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, bias)
     if module.padding_mode != "zeros":
@@ -37,13 +39,15 @@ def _layer_forward(module: Layer, x: torch.Tensor, weight: torch.Tensor, bias: t
     return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
-def _layer_transpose(module: Layer, input_shape: torch.Size, weight: torch.Tensor,
-                     signal: torch.Tensor) -> torch.Tensor:
+def _layer_transpose(
+    module: Layer, input_shape: torch.Size, weight: torch.Tensor, signal: torch.Tensor
+) -> torch.Tensor:
     """The input-gradient of the layer with ``weight``: W^T signal (a transposed convolution for Conv2d)."""
     if isinstance(module, nn.Linear):
         return signal @ weight
-    return torch.nn.grad.conv2d_input(input_shape, weight, signal, module.stride, module.padding,
-                                      module.dilation, module.groups)
+    return torch.nn.grad.conv2d_input(
+        input_shape, weight, signal, module.stride, module.padding, module.dilation, module.groups
+    )
 
 
 def _positive_bias(module: Layer) -> torch.Tensor | None:
@@ -68,11 +72,16 @@ class FastRule(Hook):
     def forward(self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         self.stored_tensors["input"] = input[0].detach()
 
-    def backward(self, module: nn.Module, grad_input: tuple[torch.Tensor | None, ...],
-                 grad_output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        self,
+        module: nn.Module,
+        grad_input: tuple[torch.Tensor | None, ...],
+        grad_output: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor | None, ...]:
         relevance = self.relevance(module, self.stored_tensors["input"], grad_output[0])
-        return tuple(relevance if item is not None and item.shape == relevance.shape else None
-                     for item in grad_input)
+        return tuple(
+            relevance if item is not None and item.shape == relevance.shape else None for item in grad_input
+        )
 
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # every rule below overrides it
@@ -84,7 +93,8 @@ class FastRule(Hook):
         return {"stabilizer": self.stabilizer}
 
     def _ratio(self, relevance_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return relevance_out / stabilize(z, self.stabilizer)
+        """R / (z + eps sign(z)) with sign(0) = +1: Zennit's ``stabilize`` in one fused expression."""
+        return relevance_out / torch.where(z >= 0, z + self.stabilizer, z - self.stabilizer)
 
 
 class FastEpsilon(FastRule):
@@ -137,7 +147,10 @@ class FastAlphaBeta(FastRule):
         x_pos = x.clamp(min=0) if has_negative else x
         x_neg = x.clamp(max=0)
         parts = []
-        for w_same, w_other, bias in ((w_pos, w_neg, _positive_bias(module)), (w_neg, w_pos, _negative_bias(module))):
+        for w_same, w_other, bias in (
+            (w_pos, w_neg, _positive_bias(module)),
+            (w_neg, w_pos, _negative_bias(module)),
+        ):
             z = _layer_forward(module, x_pos, w_same, bias)
             if has_negative:
                 z = z + _layer_forward(module, x_neg, w_other, None)
@@ -170,19 +183,33 @@ class FastFlat(FastRule):
 
 FAST_LAYERS = (nn.Conv2d, nn.Linear)
 
+#: ReLU modules get no hook: Zennit's Pass rule ignores the ReLU's gate, but every unit the gate closes
+#: has output 0, so the layer above already gave it relevance x * (...) = 0 and autograd's gating
+#: changes nothing. Skipping the hook saves a copy of every activation map per forward.
+_UNHOOKED_RELU = (nn.ReLU, None)
+
 #: name -> factory of the stock Zennit composite with the fast rules plugged in for Conv2d and Linear.
 #: Prepended layer maps take precedence over the composite's own; other layer types keep the stock rules.
 FAST_COMPOSITES: dict[str, Callable[..., Composite]] = {
     "epsilon_plus_flat": lambda canonizers, box: EpsilonPlusFlat(
-        layer_map=[(nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
-        first_map=[(FAST_LAYERS, FastFlat())], canonizers=canonizers),
+        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
+        first_map=[(FAST_LAYERS, FastFlat())],
+        canonizers=canonizers,
+    ),
     "epsilon_plus": lambda canonizers, box: EpsilonPlus(
-        layer_map=[(nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())], canonizers=canonizers),
+        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
+        canonizers=canonizers,
+    ),
     "epsilon_alpha2_beta1_flat": lambda canonizers, box: EpsilonAlpha2Beta1Flat(
-        layer_map=[(nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
-        first_map=[(FAST_LAYERS, FastFlat())], canonizers=canonizers),
+        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
+        first_map=[(FAST_LAYERS, FastFlat())],
+        canonizers=canonizers,
+    ),
     "epsilon_alpha2_beta1": lambda canonizers, box: EpsilonAlpha2Beta1(
-        layer_map=[(nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())], canonizers=canonizers),
+        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
+        canonizers=canonizers,
+    ),
     "epsilon_gamma_box": lambda canonizers, box: EpsilonGammaBox(
-        low=box[0], high=box[1], layer_map=[(nn.Linear, FastEpsilon())], canonizers=canonizers),
+        low=box[0], high=box[1], layer_map=[_UNHOOKED_RELU, (nn.Linear, FastEpsilon())], canonizers=canonizers
+    ),
 }

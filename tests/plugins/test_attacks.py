@@ -8,6 +8,7 @@ early stop, the trace, and attack success rates on a CNN trained on scikit-learn
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+
 from xaiadv.plugins.attacks import (
     PATTERNS,
     AttackResult,
@@ -38,7 +40,8 @@ ATTACKS: dict[str, Callable[..., AttackResult]] = {
     "grad_mean": lrp_grad_mean,
 }
 STEPPED = ["grad", "grad_mean", "mean"]  # the attacks whose steps are eps-sized (eqs. 4.8-4.10)
-PROPERTY = settings(max_examples=25, deadline=None)
+# XAIADV_EXAMPLES=500 for a thorough local run; 25 keeps the suite fast.
+PROPERTY = settings(max_examples=int(os.environ.get("XAIADV_EXAMPLES", "25")), deadline=None)
 BOUNDS = [(0.0, 1.0), (-1.0, 1.0), (-0.5, 2.0)]
 
 
@@ -366,9 +369,8 @@ def test_momentum_on_all_values_matches_art_pgd_decay(
     )  # fmt: skip
     expected = pgd.generate(x.numpy(), y.numpy())
     result = lrp_grad(digits_cnn, x, y, eps=0.01, n_batch=1.0, max_iter=10, early_stop=False, momentum=0.8)
-    np.testing.assert_allclose(
-        result.x_adv.numpy(), expected, rtol=0, atol=1e-6
-    )  # projection rounding, as above
+    # ART's inactive projection still rounds, as above.
+    np.testing.assert_allclose(result.x_adv.numpy(), expected, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- variants
@@ -432,7 +434,7 @@ def test_targeted_lrp_grad_reaches_targets(
     assert torch.equal(result.success, reached)
     assert torch.equal(result.original_class, y)  # relevance targets the clean prediction c_a
     # measured 1.00 (100 of 100; 0.83 with n_batch=0.25)
-    assert reached.float().mean().item() >= 0.9
+    assert reached.float().mean().item() >= 0.95
 
 
 class CountingModel(nn.Module):
@@ -488,7 +490,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.autograd.grad(loss, x)[0]
 
 
-def test_dead_relu_fixture_has_vanishing_gradients_exactly_for_dim_samples() -> None:
+def test_dead_relu_model_has_vanishing_gradients_exactly_for_dim_samples() -> None:
     x, dim = dim_and_bright_batch()
     gradient_is_zero = (input_gradient(dead_relu_model(), x).flatten(1) == 0).all(1)
     assert torch.equal(gradient_is_zero, dim)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
 from xaiadv.plugins.attacks import AttackResult, ifgsm_noise, lrp_flip, lrp_grad, lrp_grad_mean, lrp_mean
 from xaiadv.plugins.checks import check_bounds, check_inputs, check_labels
 
@@ -218,8 +219,8 @@ def test_empty_batch_gives_an_empty_result(name: str, trace: bool, tiny_model: F
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_batch_of_one(name: str, tiny_model: Factory) -> None:
-    model, x = tiny_model("cnn"), batch(3)
+def test_batch_of_one(name: str, tiny_model: Factory, generator: torch.Generator) -> None:
+    model, x = tiny_model("cnn"), torch.rand(3, 1, 8, 8, generator=generator)
     alone = ATTACKS[name](model, x[1:2], **QUICK)
     assert alone.x_adv.shape == (1, 1, 8, 8) and alone.success.shape == (1,)
     torch.testing.assert_close(alone.x_adv, ATTACKS[name](model, x, **QUICK).x_adv[1:2], rtol=0, atol=1e-6)
@@ -324,3 +325,10 @@ def test_check_labels_reads_every_form(form: str) -> None:
     labels = check_labels(label_forms()[form], 3, 10, torch.device("cpu"))
     assert labels.dtype == torch.long
     assert torch.equal(labels, torch.tensor([3, 7, 1]))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float64], ids=lambda d: np.dtype(d).name)
+def test_check_labels_reads_numpy_dtypes(dtype: type, rng: np.random.Generator) -> None:
+    labels = rng.integers(0, 10, size=20)
+    read = check_labels(labels.astype(dtype), 20, 10, torch.device("cpu"))
+    assert torch.equal(read, torch.from_numpy(labels).long())

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from xaiadv.plugins.relevance import COMPOSITE_NAMES, Relevance
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlus
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
+
+from xaiadv.plugins.relevance import COMPOSITE_NAMES, Relevance
 
 Factory = Callable[..., nn.Module]
 CONSERVING = ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat"]
@@ -94,13 +95,18 @@ def lrp_epsilon_reference(
     return relevance.view_as(x)
 
 
-def test_epsilon_plus_on_a_linear_net_matches_a_float64_oracle(tiny_model: Factory) -> None:
+@pytest.mark.parametrize(
+    "composite", [pytest.param("epsilon_plus", id="by-name"), pytest.param(EpsilonPlus(), id="zennit-stock")]
+)
+def test_epsilon_plus_on_a_linear_net_matches_a_float64_oracle(
+    composite: str | EpsilonPlus, tiny_model: Factory
+) -> None:
     model = tiny_model("mlp_bias_free", dtype=torch.float64)
     x = unit_batch(5).double()
     target = torch.tensor([0, 3, 5, 7, 9])
     weights = [model[1].weight.detach(), model[3].weight.detach()]
     expected = lrp_epsilon_reference(weights, x, target, epsilon=1e-6)
-    relevance = Relevance(model, "epsilon_plus")(x, target)
+    relevance = Relevance(model, composite)(x, target)
     assert relevance.dtype == torch.float64
     torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
     assert float(expected.abs().sum()) > 0

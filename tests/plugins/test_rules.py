@@ -78,11 +78,22 @@ def test_copy_keeps_parameters() -> None:
 
 def _cnn() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 2 * 2, 16), nn.ReLU(), nn.Linear(16, 5),
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 2 * 2, 16),
+            nn.ReLU(),
+            nn.Linear(16, 5),
+        )
+        .double()
+        .eval()
+    )
 
 
 @pytest.mark.parametrize("composite", [name for name in COMPOSITE_NAMES if name != "guided_backprop"])

@@ -1,0 +1,73 @@
+"""pyproject.toml lists every package folder, maps it under xaiadv, and ships py.typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("plugins", "bridge", "evaluation")
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def _package_folders() -> list[str]:
+    """Dotted xaiadv.* names of every folder with an __init__.py under the three layers."""
+    names = []
+    for layer in LAYERS:
+        for init in sorted((ROOT / layer).rglob("__init__.py")):
+            relative = init.parent.relative_to(ROOT).parts
+            names.append(".".join(("xaiadv", *relative)))
+    return names
+
+
+def test_every_package_folder_is_listed() -> None:
+    listed = set(_setuptools()["packages"])
+    missing = [name for name in _package_folders() if name not in listed]
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
+    assert {"xaiadv", "xaiadv.plugins", "xaiadv.bridge", "xaiadv.evaluation"} <= listed
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layers_map_to_top_level_folders(layer: str) -> None:
+    assert _setuptools()["package-dir"][f"xaiadv.{layer}"] == layer
+
+
+def test_py_typed_is_shipped() -> None:
+    assert (ROOT / "xaiadv" / "py.typed").is_file()
+    assert "py.typed" in _setuptools()["package-data"]["xaiadv"]
+
+
+def test_layers_import_in_one_direction() -> None:
+    """plugins never import bridge or evaluation; bridge never imports evaluation (DESIGN.md)."""
+    forbidden = {
+        "plugins": ("xaiadv.bridge", "xaiadv.evaluation", "from ..bridge", "from ..evaluation"),
+        "bridge": ("xaiadv.evaluation", "from ..evaluation"),
+    }
+    offenders = [
+        f"{path.relative_to(ROOT)}: {needle}"
+        for layer, needles in forbidden.items()
+        for path in (ROOT / layer).rglob("*.py")
+        for needle in needles
+        if needle in path.read_text()
+    ]
+    assert not offenders
+
+
+@pytest.mark.parametrize(
+    ("adapter", "library"), [("art", "art"), ("foolbox", "foolbox"), ("torchattacks", "torchattacks")]
+)
+def test_bridge_without_library_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, adapter: str, library: str
+) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, f"xaiadv.bridge.{adapter}", raising=False)
+    monkeypatch.setitem(sys.modules, library, None)  # makes `import <library>` raise ImportError
+    with pytest.raises(ImportError, match=rf"pip install 'xaiadv\[{adapter}\]'"):
+        importlib.import_module(f"xaiadv.bridge.{adapter}")
