@@ -59,7 +59,9 @@ def run_plugin(
     config: AttackConfig,
 ) -> AttackResult:
     """Run one plugin attack; inputs are torch tensors on the model's device."""
-    return run_attack(PATTERNS[pattern_name](), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config)
+    return run_attack(
+        PATTERNS[pattern_name](), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config
+    )
 
 
 def concat_results(results: list[AttackResult], x: torch.Tensor) -> AttackResult:

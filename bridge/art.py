@@ -30,7 +30,7 @@ __all__ = ["LRPFlip", "LRPGrad", "LRPGradMean", "LRPMean"]
 
 
 def classifier_bounds(classifier: PyTorchClassifier) -> tuple[float, float]:
-    """The classifier's clip_values as a float pair; the LRP attacks need them (flip midpoint, default eps)."""
+    """The classifier's clip_values as a float pair; LRP attacks need them (flip midpoint, default eps)."""
     clip_values = classifier.clip_values
     if clip_values is None:
         raise ValueError("LRP attacks need the classifier's clip_values (the input bounds); got None")
@@ -40,7 +40,9 @@ def classifier_bounds(classifier: PyTorchClassifier) -> tuple[float, float]:
     return float(low[0]), float(high[0])
 
 
-def classifier_preprocessing(classifier: PyTorchClassifier, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def classifier_preprocessing(
+    classifier: PyTorchClassifier, x: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The classifier's (mean, std) broadcastable against x, as ART itself would broadcast them.
 
     Other preprocessing (defences) is refused: the attack would not see what the classifier sees.
@@ -49,11 +51,19 @@ def classifier_preprocessing(classifier: PyTorchClassifier, x: np.ndarray) -> tu
     standardisations = (StandardisationMeanStd, StandardisationMeanStdPyTorch)
     others = [op for op in operations if not isinstance(op, standardisations)]
     if others:
-        raise ValueError(f"LRP attacks support only (mean, std) preprocessing; the classifier also has {others}")
+        raise ValueError(
+            f"LRP attacks support only (mean, std) preprocessing; the classifier also has {others}"
+        )
     if not operations:
         return None
-    mean, std = broadcastable_mean_std(x, np.asarray(operations[0].mean), np.asarray(operations[0].std))
-    return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    mean, std = (
+        np.asarray(value, dtype=np.float64)
+        for value in broadcastable_mean_std(x, np.asarray(operations[0].mean), np.asarray(operations[0].std))
+    )
+    # Leading ones up to x's rank, so the plugin broadcasts exactly as ART does: ART aligns a vector as long
+    # as the last axis with that axis (even when it is also as long as the channel axis).
+    lead = (1,) * (np.ndim(x) - mean.ndim)
+    return mean.reshape(lead + mean.shape), std.reshape(lead + std.shape)
 
 
 class _ARTLRPAttack(EvasionAttack):
@@ -62,13 +72,16 @@ class _ARTLRPAttack(EvasionAttack):
     pattern: ClassVar[str]
     _estimator_requirements = (PyTorchClassifier,)
 
-    def __init__(self, classifier: PyTorchClassifier, *, batch_size: int = 128, verbose: bool = False,
-                 **params: Any) -> None:
+    def __init__(
+        self, classifier: PyTorchClassifier, *, batch_size: int = 128, verbose: bool = False, **params: Any
+    ) -> None:
         super().__init__(estimator=classifier)
         defaults = attack_params(self.pattern)
         unknown = sorted(set(params) - set(defaults))
         if unknown:
-            raise TypeError(f"unknown parameter(s) {unknown} for {type(self).__name__}; valid: {sorted(defaults)}")
+            raise TypeError(
+                f"unknown parameter(s) {unknown} for {type(self).__name__}; valid: {sorted(defaults)}"
+            )
         for key, value in {**defaults, **params}.items():
             setattr(self, key, value)
         self.batch_size = batch_size
@@ -85,6 +98,16 @@ class _ARTLRPAttack(EvasionAttack):
             raise ValueError(f"verbose must be a bool; got {self.verbose!r}")
         classifier_bounds(self.estimator)
         self._config: AttackConfig = build_config(self.pattern, self._plugin_params())
+
+    def set_params(self, **kwargs: Any) -> None:
+        """ART's set_params, all or nothing: when a value is refused, every parameter keeps its old value."""
+        before = {key: getattr(self, key) for key in self.attack_params if hasattr(self, key)}
+        try:
+            super().set_params(**kwargs)
+        except Exception:
+            for key, value in before.items():
+                setattr(self, key, value)
+            raise
 
     def _plugin_params(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in attack_params(self.pattern)}
@@ -103,16 +126,24 @@ class _ARTLRPAttack(EvasionAttack):
         x_tensor = torch.as_tensor(np.asarray(x)).to(classifier.device)
         y_tensor = None if y is None else torch.as_tensor(np.asarray(y)).to(classifier.device)
         if y_tensor is not None and y_tensor.shape[0] != x_tensor.shape[0]:
-            raise ValueError(f"y must have one label per sample ({x_tensor.shape[0]}); got {y_tensor.shape[0]}")
+            raise ValueError(
+                f"y must have one label per sample ({x_tensor.shape[0]}); got {y_tensor.shape[0]}"
+            )
         results = []
         starts = range(0, x_tensor.shape[0], self.batch_size)
         for start in tqdm(starts, desc=type(self).__name__, disable=not self.verbose):
             stop = start + self.batch_size
-            results.append(run_plugin(
-                self.pattern, classifier.model, x_tensor[start:stop],
-                None if y_tensor is None else y_tensor[start:stop],
-                bounds=bounds, preprocessing=preprocessing, config=self._config,
-            ))
+            results.append(
+                run_plugin(
+                    self.pattern,
+                    classifier.model,
+                    x_tensor[start:stop],
+                    None if y_tensor is None else y_tensor[start:stop],
+                    bounds=bounds,
+                    preprocessing=preprocessing,
+                    config=self._config,
+                )
+            )
         self.last_result = concat_results(results, x_tensor)
         return self.last_result.x_adv.cpu().numpy().astype(np.asarray(x).dtype, copy=False)
 
@@ -124,7 +155,8 @@ def _params(pattern: str) -> list[str]:
 class LRPFlip(_ARTLRPAttack):
     """LRP-flip / batch-flip (thesis Algorithms 3-5) as an ART evasion attack; untargeted.
 
-    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, batch_size, verbose.
+    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, batch_size,
+    verbose.
     """
 
     pattern = ATTACK_CLASSES["LRPFlip"]

@@ -29,6 +29,9 @@ from ._common import ATTACK_CLASSES, build_config, run_plugin
 #: Our attacks by registry name -> plugin pattern (IFGSMNoise is thesis Algorithm 8, a reference variant).
 XAIADV_ATTACKS: dict[str, str] = {**ATTACK_CLASSES, "IFGSMNoise": "ifgsm_noise"}
 SOURCES = ("xaiadv", "art", "foolbox", "torchattacks")
+#: ART attacks whose estimator requirements would admit a PyTorchClassifier but which attack another kind of
+#: estimator: object detectors (their requirements are empty), or TensorFlow models.
+ART_EXCLUDED = frozenset({"OverloadPyTorch", "SNAL"})
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,16 +67,20 @@ def _art_attacks() -> dict[str, type]:
 
     found = {}
     for name, cls in vars(evasion).items():
-        if inspect.isclass(cls) and issubclass(cls, EvasionAttack) and not inspect.isabstract(cls):
-            if _accepts(PyTorchClassifier, cls._estimator_requirements or ()):
-                found[name] = cls
+        if name in ART_EXCLUDED or "TensorFlow" in name:
+            continue
+        is_attack = inspect.isclass(cls) and issubclass(cls, EvasionAttack) and not inspect.isabstract(cls)
+        if is_attack and _accepts(PyTorchClassifier, cls._estimator_requirements or ()):
+            found[name] = cls
     return found
 
 
 def _accepts(estimator_cls: type, requirements: tuple[Any, ...]) -> bool:
     """ART's estimator check against a class: every requirement (a class or a union tuple) is in its MRO."""
     mro = estimator_cls.__mro__
-    return all(any(option in mro for option in (req if isinstance(req, tuple) else (req,))) for req in requirements)
+    return all(
+        any(option in mro for option in (req if isinstance(req, tuple) else (req,))) for req in requirements
+    )
 
 
 @cache
@@ -85,8 +92,12 @@ def _foolbox_attacks() -> dict[str, type]:
     from foolbox.attacks.base import Attack
 
     return {
-        name: cls for name, cls in vars(attacks).items()
-        if inspect.isclass(cls) and issubclass(cls, Attack) and not inspect.isabstract(cls) and name[0].isupper()
+        name: cls
+        for name, cls in vars(attacks).items()
+        if inspect.isclass(cls)
+        and issubclass(cls, Attack)
+        and not inspect.isabstract(cls)
+        and name[0].isupper()
     }
 
 
@@ -100,8 +111,10 @@ def _torchattacks_attacks() -> dict[str, type]:
 
     wrappers = {"MultiAttack", "LGV"}
     return {
-        name: getattr(torchattacks, name) for name in torchattacks.__all__
-        if name not in wrappers and inspect.isclass(getattr(torchattacks, name, None))
+        name: getattr(torchattacks, name)
+        for name in torchattacks.__all__
+        if name not in wrappers
+        and inspect.isclass(getattr(torchattacks, name, None))
         and issubclass(getattr(torchattacks, name), Attack)
     }
 
@@ -142,13 +155,18 @@ def build_attack(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     bounds = check_bounds(bounds)
-    builder = {"xaiadv": _build_xaiadv, "art": _build_art, "foolbox": _build_foolbox,
-               "torchattacks": _build_torchattacks}[source]
+    builder = {
+        "xaiadv": _build_xaiadv,
+        "art": _build_art,
+        "foolbox": _build_foolbox,
+        "torchattacks": _build_torchattacks,
+    }[source]
     return builder(attack_name, model, bounds, preprocessing, dict(params))
 
 
-def _build_xaiadv(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
-                  params: dict[str, Any]) -> BuiltAttack:
+def _build_xaiadv(
+    name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
+) -> BuiltAttack:
     pattern = XAIADV_ATTACKS[name]
     config = build_config(pattern, params)
 
@@ -168,18 +186,21 @@ def _mode_restored(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, mode in zip(model.modules(), modes):
+        for module, mode in zip(model.modules(), modes, strict=True):
             module.training = mode
 
 
 def _mean_std(preprocessing: Any, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = (np.broadcast_to(np.asarray(value, dtype=np.float32).reshape(-1), (n_channels,)).copy()
-                 for value in preprocessing)
+    mean, std = (
+        np.broadcast_to(np.asarray(value, dtype=np.float32).reshape(-1), (n_channels,)).copy()
+        for value in preprocessing
+    )
     return mean, std
 
 
-def _build_art(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
-               params: dict[str, Any]) -> BuiltAttack:
+def _build_art(
+    name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
+) -> BuiltAttack:
     from art.estimators.classification import PyTorchClassifier
 
     cls = _art_attacks()[name]
@@ -192,8 +213,13 @@ def _build_art(name: str, model: nn.Module, bounds: tuple[float, float], preproc
                 n_classes = model(torch.zeros((1, *shape), device=x.device)).shape[1]
             art_preprocessing = None if preprocessing is None else _mean_std(preprocessing, shape[0])
             classifiers[shape] = PyTorchClassifier(
-                model, loss=nn.CrossEntropyLoss(), input_shape=shape, nb_classes=n_classes,
-                clip_values=bounds, preprocessing=art_preprocessing, device_type=_device_type(x),
+                model,
+                loss=nn.CrossEntropyLoss(),
+                input_shape=shape,
+                nb_classes=n_classes,
+                clip_values=bounds,
+                preprocessing=art_preprocessing,
+                device_type=_device_type(x),
             )
         return classifiers[shape]
 
@@ -201,9 +227,10 @@ def _build_art(name: str, model: nn.Module, bounds: tuple[float, float], preproc
         if x.shape[0] == 0:
             return x.clone()
         with _mode_restored(model):
+            model.eval()  # the class-count probe must not update BatchNorm statistics
             attack = cls(classifier_for(x), **params)
             labels = None if y is None else _art_labels(y, model, x, attack)
-            x_adv = attack.generate(x.detach().cpu().numpy(), y=labels)
+            x_adv = attack.generate(x.detach().float().cpu().numpy(), y=labels)  # ART models want float32
         return torch.as_tensor(x_adv, device=x.device, dtype=x.dtype)
 
     return BuiltAttack(f"art:{name}", params, run)
@@ -222,8 +249,9 @@ def _device_type(x: torch.Tensor) -> str:
     return "gpu" if x.device.type == "cuda" else "cpu"
 
 
-def _build_foolbox(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
-                   params: dict[str, Any]) -> BuiltAttack:
+def _build_foolbox(
+    name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
+) -> BuiltAttack:
     import foolbox as fb
 
     epsilons = params.pop("epsilons", None)
@@ -239,31 +267,38 @@ def _build_foolbox(name: str, model: nn.Module, bounds: tuple[float, float], pre
             if preprocessing is not None:
                 mean, std = _mean_std(preprocessing, x.shape[1])
                 fb_preprocessing = {"mean": mean.tolist(), "std": std.tolist(), "axis": -3}
-            fmodel = fb.PyTorchModel(model.eval(), bounds=bounds, preprocessing=fb_preprocessing,
-                                     device=x.device)
+            fmodel = fb.PyTorchModel(
+                model.eval(), bounds=bounds, preprocessing=fb_preprocessing, device=x.device
+            )
             labels = fmodel(x).argmax(1) if y is None else y.to(x.device).long()
-            _, clipped, _ = attack(fmodel, x.detach().float(), fb.criteria.Misclassification(labels),
-                                   epsilons=epsilons)
+            _, clipped, _ = attack(
+                fmodel, x.detach().float(), fb.criteria.Misclassification(labels), epsilons=epsilons
+            )
         return clipped.to(x.dtype)
 
     return BuiltAttack(f"foolbox:{name}", {**params, "epsilons": epsilons}, run)
 
 
 class _Normalized(nn.Module):
-    """``model((x - mean) / std)``: torchattacks' own normalization expects normalized inputs, ours are raw."""
+    """``model((x - mean) / std)``: torchattacks' normalization expects normalized inputs; ours are raw."""
 
     def __init__(self, model: nn.Module, preprocessing: Any) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.as_tensor(np.asarray(preprocessing[0], dtype=np.float32)).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(np.asarray(preprocessing[1], dtype=np.float32)).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.as_tensor(np.asarray(preprocessing[0], dtype=np.float32)).view(1, -1, 1, 1)
+        )
+        self.register_buffer(
+            "std", torch.as_tensor(np.asarray(preprocessing[1], dtype=np.float32)).view(1, -1, 1, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean.to(x.device)) / self.std.to(x.device))
 
 
-def _build_torchattacks(name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any,
-                        params: dict[str, Any]) -> BuiltAttack:
+def _build_torchattacks(
+    name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
+) -> BuiltAttack:
     if bounds != (0.0, 1.0):
         raise ValueError(f"torchattacks attacks work on inputs in [0, 1]; got bounds {bounds}")
     cls = _torchattacks_attacks()[name]
@@ -275,6 +310,7 @@ def _build_torchattacks(name: str, model: nn.Module, bounds: tuple[float, float]
         if x.shape[0] == 0:
             return x.clone()
         with _mode_restored(model):
+            model.eval()  # the prediction for y=None must not update BatchNorm statistics
             labels = y
             if labels is None:
                 with torch.no_grad():

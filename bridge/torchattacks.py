@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
 from xaiadv.plugins.attacks import PATTERNS
 
 from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin

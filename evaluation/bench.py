@@ -45,18 +45,22 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _art_runners(model: nn.Module, x: np.ndarray, y: np.ndarray, iterations: int) -> dict[str, Callable[[], object]]:
+def _art_runners(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, iterations: int
+) -> dict[str, Callable[[], object]]:
     from art.attacks.evasion import BasicIterativeMethod
     from art.estimators.classification import PyTorchClassifier
 
     from xaiadv.bridge import art as ours
 
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10,
-                                   clip_values=(0.0, 1.0))
+    classifier = PyTorchClassifier(
+        model, loss=nn.CrossEntropyLoss(), input_shape=x.shape[1:], nb_classes=10, clip_values=(0.0, 1.0)
+    )
     common = {"max_iter": iterations, "early_stop": False, "batch_size": len(x)}
     attacks = {
-        "IFGSM (BasicIterativeMethod)": BasicIterativeMethod(classifier, eps=1.0, eps_step=STEP,
-                                                              max_iter=iterations, batch_size=len(x), verbose=False),
+        "IFGSM (BasicIterativeMethod)": BasicIterativeMethod(
+            classifier, eps=1.0, eps_step=STEP, max_iter=iterations, batch_size=len(x), verbose=False
+        ),
         "LRPFlip": ours.LRPFlip(classifier, **common),
         "LRPMean": ours.LRPMean(classifier, eps=STEP, **common),
         "LRPGrad": ours.LRPGrad(classifier, eps=STEP, **common),
@@ -65,8 +69,9 @@ def _art_runners(model: nn.Module, x: np.ndarray, y: np.ndarray, iterations: int
     return {name: (lambda attack=attack: attack.generate(x, y)) for name, attack in attacks.items()}
 
 
-def _torchattacks_runners(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                          iterations: int) -> dict[str, Callable[[], object]]:
+def _torchattacks_runners(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, iterations: int
+) -> dict[str, Callable[[], object]]:
     import torchattacks
 
     from xaiadv.bridge import torchattacks as ours
@@ -84,8 +89,10 @@ def _torchattacks_runners(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def _relative(library: str, seconds: dict[str, float], unit: str) -> list[BenchRow]:
     reference = next(iter(seconds))
-    return [BenchRow(library, name, value, reference, value / seconds[reference], unit)
-            for name, value in seconds.items()]
+    return [
+        BenchRow(library, name, value, reference, value / seconds[reference], unit)
+        for name, value in seconds.items()
+    ]
 
 
 def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[BenchRow]:
@@ -93,10 +100,12 @@ def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: 
     relevance = Relevance(model)
     single = x[: min(len(x), 16)]
     batched = _median_seconds(lambda: relevance(x, y), repeats) / len(x)
-    one_by_one = _median_seconds(lambda: [relevance(single[i:i + 1], y[i:i + 1]) for i in range(len(single))],
-                                 repeats) / len(single)
-    return _relative("xaiadv", {"relevance, one image at a time": one_by_one, "relevance, batched": batched},
-                     "s/image")
+    one_by_one = _median_seconds(
+        lambda: [relevance(single[i : i + 1], y[i : i + 1]) for i in range(len(single))], repeats
+    ) / len(single)
+    return _relative(
+        "xaiadv", {"relevance, one image at a time": one_by_one, "relevance, batched": batched}, "s/image"
+    )
 
 
 def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:

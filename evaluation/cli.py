@@ -1,9 +1,9 @@
 """The ``xaiadv`` command line: it parses arguments, calls one typed library function, prints for people.
 
-    xaiadv demo    the LRP attacks beside IFGSM on the reference model (Fashion-MNIST, else digits)
-    xaiadv list    every attack of the four sources, one per line as source:Name
-    xaiadv train   train (or load from the cache) a reference CNN and print its accuracy
-    xaiadv bench   seconds per iteration of IFGSM and the LRP attacks, side by side
+xaiadv demo    the LRP attacks beside IFGSM on the reference model (Fashion-MNIST, else digits)
+xaiadv list    every attack of the four sources, one per line as source:Name
+xaiadv train   train (or load from the cache) a reference CNN and print its accuracy
+xaiadv bench   seconds per iteration of IFGSM and the LRP attacks, side by side
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import math
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from .data import DATASETS
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table; floats with 4 significant digits, NaN as 'n/a'."""
+
     def cell(value: object) -> str:
-        if isinstance(value, float):
+        if isinstance(value, (float, np.floating)):
             return "n/a" if math.isnan(value) else f"{value:.4g}"
         return str(value)
 
@@ -34,16 +37,36 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.samples, dataset=args.dataset, progress=True)
     if result.fell_back:
-        print(f"WARNING: {args.dataset} is not installed (apt-get install dataset-fashion-mnist); "
-              "this demo ran on scikit-learn's digits instead.", file=sys.stderr)
-    print(f"\n{result.dataset}: reference CNN test accuracy {result.test_accuracy:.4f}; "
-          f"{result.n_samples} test images, {result.rows[0].n_correct} initially correct; "
-          "norms are medians over successful samples, in [0, 1] pixel units.\n")
+        print(
+            f"WARNING: {args.dataset} was not found (see the log above for where and how to get it); "
+            "this demo ran on scikit-learn's digits instead.",
+            file=sys.stderr,
+        )
+    print(
+        f"\n{result.dataset}: reference CNN test accuracy {result.test_accuracy:.4f}; "
+        f"{result.n_samples} test images, {result.rows[0].n_correct} initially correct; "
+        "norms are medians over successful samples, in [0, 1] pixel units.\n"
+    )
     header = ("attack", "registry name", "ASR", "n success", "L0", "L1", "L2", "Linf", "s/image")
-    print(format_table(header, [
-        (row.label, row.name, row.asr, row.n_success, row.median_l0, row.median_l1, row.median_l2,
-         row.median_linf, row.seconds_per_image) for row in result.rows
-    ]))
+    print(
+        format_table(
+            header,
+            [
+                (
+                    row.label,
+                    row.name,
+                    row.asr,
+                    row.n_success,
+                    row.median_l0,
+                    row.median_l1,
+                    row.median_l2,
+                    row.median_linf,
+                    row.seconds_per_image,
+                )
+                for row in result.rows
+            ],
+        )
+    )
     print(f"\ntotal {result.seconds:.1f} s")
     return 0
 
@@ -51,7 +74,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from xaiadv.bridge.registry import available_attacks
 
-    print("\n".join(available_attacks(args.source)))
+    try:
+        print("\n".join(available_attacks(args.source)))
+    except BrokenPipeError:  # `xaiadv list | head`: the reader left, which is fine
+        sys.stderr.close()
     return 0
 
 
@@ -68,15 +94,22 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     rows = run_bench(batch_size=args.batch_size, iterations=args.iterations, repeats=args.repeats)
-    print(f"batch {args.batch_size}, {args.iterations} iterations, early stop off, median of {args.repeats}\n")
-    print(format_table(("library", "attack", "seconds", "unit", "ratio", "ratio to"),
-                       [(r.library, r.name, r.seconds, r.unit, r.ratio, r.reference) for r in rows]))
+    print(
+        f"batch {args.batch_size}, {args.iterations} iterations, early stop off, median of {args.repeats}\n"
+    )
+    print(
+        format_table(
+            ("library", "attack", "seconds", "unit", "ratio", "ratio to"),
+            [(r.library, r.name, r.seconds, r.unit, r.ratio, r.reference) for r in rows],
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xaiadv", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="xaiadv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -107,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xaiadv`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -36,8 +36,11 @@ DEMO_ATTACKS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("LRP-grad", "xaiadv:LRPGrad", {"eps": STEP, "max_iter": MAX_ITER}),
     ("LRP-grad+mean", "xaiadv:LRPGradMean", {"eps": STEP, "max_iter": MAX_ITER}),
     ("IFGSM (early stop)", "xaiadv:LRPGrad", {"eps": STEP, "max_iter": MAX_ITER, "n_batch": 1.0}),
-    ("IFGSM (ART BIM)", "art:BasicIterativeMethod",
-     {"eps": 1.0, "eps_step": STEP, "max_iter": MAX_ITER, "batch_size": 128, "verbose": False}),
+    (
+        "IFGSM (ART BIM)",
+        "art:BasicIterativeMethod",
+        {"eps": 1.0, "eps_step": STEP, "max_iter": MAX_ITER, "batch_size": 128, "verbose": False},
+    ),
 )
 
 
@@ -76,12 +79,22 @@ def demo_dataset(preferred: str = "fashion_mnist") -> tuple[Dataset, bool]:
         return load_dataset("digits"), True
 
 
-def run_attack_row(label: str, name: str, params: dict[str, Any], trained: TrainedModel, x: torch.Tensor,
-                   y: torch.Tensor, clean_prediction: np.ndarray, batch_size: int = 128) -> AttackRow:
+def run_attack_row(
+    label: str,
+    name: str,
+    params: dict[str, Any],
+    trained: TrainedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_prediction: np.ndarray,
+    batch_size: int = 128,
+) -> AttackRow:
     """Run one registry attack over the sample in mini-batches and summarize it."""
     attack = build_attack(name, model=trained.model, bounds=(0.0, 1.0), **params)
     start = time.perf_counter()
-    x_adv = torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    x_adv = torch.cat(
+        [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
     seconds = time.perf_counter() - start
     with torch.no_grad():
         adversarial_prediction = trained.model(x_adv).argmax(1).numpy()
@@ -89,20 +102,33 @@ def run_attack_row(label: str, name: str, params: dict[str, Any], trained: Train
     initially_correct = clean_prediction == labels
     successful = initially_correct & (adversarial_prediction != labels)
     norms = perturbation_norms(x.numpy(), x_adv.numpy())
-    medians = {key: float(np.median(value[successful])) if successful.any() else float("nan")
-               for key, value in norms.items()}
+    medians = {
+        key: float(np.median(value[successful])) if successful.any() else float("nan")
+        for key, value in norms.items()
+    }
     return AttackRow(
-        label=label, name=name, asr=attack_success_rate(labels, clean_prediction, adversarial_prediction),
-        n_correct=int(initially_correct.sum()), n_success=int(successful.sum()),
-        median_l0=medians["L0"], median_l1=medians["L1"], median_l2=medians["L2"], median_linf=medians["Linf"],
+        label=label,
+        name=name,
+        asr=attack_success_rate(labels, clean_prediction, adversarial_prediction),
+        n_correct=int(initially_correct.sum()),
+        n_success=int(successful.sum()),
+        median_l0=medians["L0"],
+        median_l1=medians["L1"],
+        median_l2=medians["L2"],
+        median_linf=medians["Linf"],
         seconds_per_image=seconds / len(x),
     )
 
 
-def run_demo(n_samples: int = 200, *, dataset: str = "fashion_mnist", train: TrainConfig | None = None,
-             attacks: tuple[tuple[str, str, dict[str, Any]], ...] = DEMO_ATTACKS,
-             progress: bool = False) -> DemoResult:
-    """Train or load the reference model, then run every demo attack on the first ``n_samples`` test images."""
+def run_demo(
+    n_samples: int = 200,
+    *,
+    dataset: str = "fashion_mnist",
+    train: TrainConfig | None = None,
+    attacks: tuple[tuple[str, str, dict[str, Any]], ...] = DEMO_ATTACKS,
+    progress: bool = False,
+) -> DemoResult:
+    """Train or load the reference model, then run each demo attack on the first ``n_samples`` test images."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
         raise ValueError(f"n_samples must be an int > 0; got {n_samples!r}")
     start = time.perf_counter()
@@ -119,5 +145,6 @@ def run_demo(n_samples: int = 200, *, dataset: str = "fashion_mnist", train: Tra
     for label, name, params in attacks:
         logger.info("demo: %s (%s)", label, name)
         rows.append(run_attack_row(label, name, params, trained, x, y, clean_prediction))
-    return DemoResult(data.name, fell_back, trained.test_accuracy, len(x), tuple(rows),
-                      time.perf_counter() - start)
+    return DemoResult(
+        data.name, fell_back, trained.test_accuracy, len(x), tuple(rows), time.perf_counter() - start
+    )

@@ -5,16 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def attack_success_rate(y: np.ndarray, clean_prediction: np.ndarray, adversarial_prediction: np.ndarray) -> float:
+def attack_success_rate(
+    y: np.ndarray, clean_prediction: np.ndarray, adversarial_prediction: np.ndarray
+) -> float:
     """ASR = (n_TP(t=0) - n_TP(t=x)) / n_TP(t=0) over the initially correct samples (thesis eq. 4.15).
 
     Samples the model misclassified before the attack are excluded, so the classifier's own errors do not
     count as successes. NaN when no sample was initially correct.
     """
-    y, clean_prediction, adversarial_prediction = (np.asarray(a).reshape(-1) for a in (y, clean_prediction,
-                                                                                       adversarial_prediction))
-    if not y.shape == clean_prediction.shape == adversarial_prediction.shape:
-        raise ValueError("y, clean_prediction and adversarial_prediction must have one entry per sample")
+    y, clean_prediction, adversarial_prediction = (
+        np.asarray(a) for a in (y, clean_prediction, adversarial_prediction)
+    )
+    if y.ndim != 1 or not y.shape == clean_prediction.shape == adversarial_prediction.shape:
+        raise ValueError(
+            "y, clean_prediction and adversarial_prediction must have one entry per sample: indices (N,)"
+        )
     initially_correct = clean_prediction == y
     if not initially_correct.any():
         return float("nan")
@@ -27,7 +32,7 @@ def perturbation_norms(x: np.ndarray, x_adv: np.ndarray) -> dict[str, np.ndarray
     x, x_adv = np.asarray(x, dtype=np.float64), np.asarray(x_adv, dtype=np.float64)
     if x.shape != x_adv.shape:
         raise ValueError(f"x and x_adv must have the same shape; got {x.shape} and {x_adv.shape}")
-    delta = (x_adv - x).reshape(x.shape[0], -1)
+    delta = (x_adv - x).reshape(x.shape[0], int(np.prod(x.shape[1:])))
     magnitude = np.abs(delta)
     return {
         "L0": (magnitude > 0).sum(1).astype(np.float64),

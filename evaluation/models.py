@@ -28,6 +28,7 @@ import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
 from xaiadv.evaluation.data import DATASETS, Dataset, load_dataset
 
 __all__ = [

@@ -65,7 +65,8 @@ class AttackConfig:
         for flag in ("early_stop", "targeted", "flip_back", "trace"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool; got {getattr(self, flag)!r}")
-        if not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < math.inf:
+        momentum_ok = isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
+        if not momentum_ok or not 0.0 <= self.momentum < math.inf:
             raise ValueError(f"momentum must be a finite number >= 0 (0 = off); got {self.momentum!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")

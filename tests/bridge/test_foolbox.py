@@ -15,6 +15,7 @@ import torch
 from foolbox.criteria import Misclassification, TargetedMisclassification
 from sklearn.datasets import load_digits
 from torch import nn
+
 from xaiadv.bridge.foolbox import LRPAttack, LRPFlip, LRPGrad, LRPGradMean, LRPMean, module_of
 from xaiadv.plugins.attacks import lrp_grad
 

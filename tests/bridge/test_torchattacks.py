@@ -13,6 +13,7 @@ import torch
 import torchattacks
 from sklearn.datasets import load_digits
 from torch import nn
+
 from xaiadv.bridge.torchattacks import LRPAttack, LRPFlip, LRPGrad, LRPGradMean, LRPMean
 from xaiadv.plugins.attacks import PATTERNS, lrp_grad, make_config, run_attack
 

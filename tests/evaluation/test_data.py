@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from xaiadv.evaluation import data
 from xaiadv.evaluation.data import DATASETS, Dataset, DatasetNotFoundError, load_dataset
 

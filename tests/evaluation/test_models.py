@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
 from xaiadv.evaluation import models
 from xaiadv.evaluation.data import Dataset, load_dataset
 from xaiadv.evaluation.models import (

@@ -1,0 +1,276 @@
+"""Tests of the ``xaiadv`` command line: list, train, demo, bench, errors, tables, the console script."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xaiadv.bridge.registry import available_attacks
+from xaiadv.evaluation import bench, data, demo
+from xaiadv.evaluation.bench import BenchRow
+from xaiadv.evaluation.cli import format_table, main
+from xaiadv.evaluation.models import TrainConfig, load_model
+
+NAME_LINE = re.compile(r"^(xaiadv|art|foolbox|torchattacks):[A-Za-z0-9_]+$")
+#: Two short attacks and a tiny model, so `xaiadv demo` runs in about a second.
+FAST_ATTACKS = (
+    ("LRP-grad", "xaiadv:LRPGrad", {"eps": 0.05, "max_iter": 5}),
+    (
+        "IFGSM (ART BIM)",
+        "art:BasicIterativeMethod",
+        {"eps": 1.0, "eps_step": 1 / 256, "max_iter": 5, "batch_size": 128, "verbose": False},
+    ),
+)
+TINY = TrainConfig(dataset="fashion_mnist", epochs=1, width=4, max_train=64)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Model cache in tmp_path, no $XAIADV_DATA and no system folders: only digits exists."""
+    monkeypatch.setenv("XAIADV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XAIADV_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fast_demo(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """``run_demo`` as the CLI calls it, with FAST_ATTACKS and the TINY model; records the CLI's arguments."""
+    calls: list[dict[str, object]] = []
+    real = demo.run_demo
+
+    def fast(n_samples: int, **kwargs: object) -> demo.DemoResult:
+        calls.append({"n_samples": n_samples, **kwargs})
+        return real(n_samples, **{**kwargs, "attacks": FAST_ATTACKS, "train": TINY})
+
+    monkeypatch.setattr(demo, "run_demo", fast)
+    return calls
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Cells of every Markdown table line in ``text`` (header and separator included)."""
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# list
+
+
+def test_list_prints_every_attack_one_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == available_attacks()
+    assert {"xaiadv:LRPGrad", "art:BasicIterativeMethod", "xaiadv:LRPFlip"} <= set(lines)
+    assert {line.partition(":")[0] for line in lines} == {"xaiadv", "art", "foolbox", "torchattacks"}
+    assert all(NAME_LINE.match(line) for line in lines), [line for line in lines if not NAME_LINE.match(line)]
+
+
+def test_list_source_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--source", "xaiadv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "xaiadv:LRPGrad" in lines
+    assert lines and all(line.startswith("xaiadv:") for line in lines)
+    assert lines == available_attacks("xaiadv")
+
+
+def test_list_unknown_source_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--source", "cleverhans"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'cleverhans'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_prints_accuracy_and_an_existing_model_path(
+    capsys: pytest.CaptureFixture[str], isolated: Path
+) -> None:
+    assert main(["train", "--dataset", "digits", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    match = re.fullmatch(r"digits: test accuracy (\d\.\d{4})\nmodel: (.+\.safetensors)\n", out)
+    assert match, out
+    accuracy, path = float(match.group(1)), Path(match.group(2))
+    assert path.is_file()
+    assert path.parent == isolated / "models"
+    saved = load_model(path.with_suffix(""))
+    assert saved.config == TrainConfig(dataset="digits", epochs=2)
+    assert accuracy == pytest.approx(saved.test_accuracy, abs=5e-5)
+    assert accuracy > 0.5
+    # a second run loads the cached model and says the same
+    assert main(["train", "--dataset", "digits", "--epochs", "2"]) == 0
+    assert capsys.readouterr().out == out
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_prints_one_table_row_per_attack(
+    capsys: pytest.CaptureFixture[str], fast_demo: list[dict[str, object]]
+) -> None:
+    assert main(["demo", "--dataset", "digits", "--samples", "20"]) == 0
+    assert fast_demo == [{"n_samples": 20, "dataset": "digits", "progress": True}]
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.err
+    assert re.search(
+        r"^digits: reference CNN test accuracy \d\.\d{4}; 20 test images, \d+ initially correct",
+        captured.out,
+        re.MULTILINE,
+    )
+    rows = _table_rows(captured.out)
+    assert rows[0] == ["attack", "registry name", "ASR", "n success", "L0", "L1", "L2", "Linf", "s/image"]
+    assert set(rows[1]) == {"---"}
+    body = rows[2:]
+    assert [(row[0], row[1]) for row in body] == [(label, name) for label, name, _ in FAST_ATTACKS]
+    for row in body:
+        assert len(row) == 9
+        assert row[2] == "n/a" or 0.0 <= float(row[2]) <= 1.0
+        assert int(row[3]) >= 0
+        for cell in row[4:8]:  # medians: a number when something succeeded, else n/a
+            assert (cell == "n/a") == (int(row[3]) == 0), row
+    assert re.search(r"^total \d+\.\d s$", captured.out, re.MULTILINE)
+
+
+def test_demo_says_when_it_fell_back_to_digits(
+    capsys: pytest.CaptureFixture[str], fast_demo: list[dict[str, object]]
+) -> None:
+    assert main(["demo", "--samples", "5"]) == 0
+    assert fast_demo[0]["dataset"] == "fashion_mnist"
+    captured = capsys.readouterr()
+    assert re.search(r"WARNING: fashion_mnist was not found .*digits instead", captured.err)
+    assert re.search(r"^digits: reference CNN test accuracy", captured.out, re.MULTILINE)
+    assert len(_table_rows(captured.out)) == 2 + len(FAST_ATTACKS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--samples", "0"], "xaiadv demo: error: n_samples must be an int > 0; got 0"),
+        (
+            ["train", "--dataset", "digits", "--epochs", "0"],
+            "xaiadv train: error: epochs: expected an integer >= 1",
+        ),
+        (["bench", "--iterations", "0"], "xaiadv bench: error: iterations must be an int > 0; got 0"),
+        (["train", "--dataset", "mnist"], "xaiadv train: error: dataset 'mnist' not found"),
+    ],
+    ids=["demo-samples", "train-epochs", "bench-iterations", "train-missing-data"],
+)
+def test_errors_become_exit_code_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str, isolated: Path
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
+    assert not (isolated / "models").exists()  # nothing was trained or written
+
+
+# --------------------------------------------------------------------------------------------------
+# bench (run_bench itself is tested in test_bench.py)
+
+
+def test_bench_prints_the_rows_of_run_bench(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[int, int, int]] = []
+
+    def fake_run_bench(batch_size: int, iterations: int, repeats: int) -> list[BenchRow]:
+        calls.append((batch_size, iterations, repeats))
+        return [
+            BenchRow("art", "IFGSM", 0.0123456, "IFGSM", 1.0, "s/iteration"),
+            BenchRow("art", "LRPGrad", 0.5, "IFGSM", 40.5, "s/iteration"),
+        ]
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert main(["bench", "--batch-size", "4", "--iterations", "2", "--repeats", "1"]) == 0
+    assert calls == [(4, 2, 1)]
+    out = capsys.readouterr().out
+    assert out.startswith("batch 4, 2 iterations, early stop off, median of 1\n")
+    assert _table_rows(out)[2:] == [
+        ["art", "IFGSM", "0.01235", "s/iteration", "1", "IFGSM"],
+        ["art", "LRPGrad", "0.5", "s/iteration", "40.5", "IFGSM"],
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# format_table
+
+
+def test_format_table_exact_markdown() -> None:
+    table = format_table(
+        ("name", "value", "count"), [("a", 0.123456, 3), ("b", float("nan"), 10), ("c", 123456.0, -1)]
+    )
+    assert table == (
+        "| name | value | count |\n"
+        "|---|---|---|\n"
+        "| a | 0.1235 | 3 |\n"
+        "| b | n/a | 10 |\n"
+        "| c | 1.235e+05 | -1 |"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (3.14159265, "3.142"),
+        (2.0, "2"),
+        (1 / 3, "0.3333"),
+        (0.000123456, "0.0001235"),
+        (1234.5678, "1235"),
+        (float("nan"), "n/a"),
+        (-math.nan, "n/a"),
+        (math.inf, "inf"),
+        (7, "7"),
+        ("x", "x"),
+        (None, "None"),
+    ],
+)
+def test_format_table_cells(value: object, text: str) -> None:
+    assert format_table(("h",), [(value,)]).splitlines()[2] == f"| {text} |"
+
+
+def test_format_table_numpy_float64_nan_is_na() -> None:
+    import numpy as np
+
+    assert format_table(("h",), [(np.float64("nan"),), (np.float64(0.987654),)]).splitlines()[2:] == [
+        "| n/a |",
+        "| 0.9877 |",
+    ]
+
+
+def test_format_table_without_rows_is_header_only() -> None:
+    assert format_table(("a", "b"), []) == "| a | b |\n|---|---|"
+
+
+# --------------------------------------------------------------------------------------------------
+# the installed console script
+
+
+def test_console_script_list_runs(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("xaiadv")
+    assert script.is_file(), f"console script missing next to {sys.executable}"
+    env = {**os.environ, "XAIADV_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [str(script), "list", "--source", "xaiadv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "xaiadv:LRPGrad" in lines
+    assert lines == available_attacks("xaiadv")
