@@ -128,7 +128,10 @@ class AttackResult:
 
 @dataclass
 class StepState:
-    """What a pattern sees for the samples still being attacked (all tensors hold those rows only)."""
+    """What a pattern sees for the samples still being attacked (all tensors hold those rows only).
+
+    ``rows`` indexes the full-batch ``memory``: a slice while every sample is active (views, no copies).
+    """
 
     x_adv: torch.Tensor
     x_orig: torch.Tensor
@@ -138,7 +141,7 @@ class StepState:
     eps: float
     low: float
     high: float
-    rows: torch.Tensor
+    rows: torch.Tensor | slice
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
@@ -425,20 +428,21 @@ def _iterate(
     direction = -1.0 if config.targeted else 1.0
 
     for iteration in range(config.max_iter):
-        rows = active.nonzero().squeeze(1)
-        if rows.numel() == 0:
+        rows = _rows(active)
+        if isinstance(rows, torch.Tensor) and rows.numel() == 0:
             break
         z, logits = relevance.forward(x_adv[rows])
         success = _is_success(logits.detach(), labels[rows], config.targeted)
         if tracer is not None:
             tracer.update(rows, logits, original[rows], success, x_adv[rows] - x_orig[rows])
             tracer.write(iteration)
-        if config.early_stop:
-            finished = rows[success]
+        keep: torch.Tensor | slice = slice(None)
+        if config.early_stop and bool(success.any()):
+            finished = torch.arange(n_samples, device=device)[rows][success]
             succeeded[finished], active[finished], iterations[finished] = True, False, iteration
             if bool(success.all()):
                 break
-        keep = ~success if config.early_stop else torch.ones_like(success)
+            keep = ~success
         gradient = None
         needs_relevance = pattern.needs_relevance and iteration % config.relevance_every == 0
         if pattern.needs_gradient:
@@ -447,7 +451,7 @@ def _iterate(
         if needs_relevance:
             stored_relevance[rows] = relevance.relevance(z, logits, original[rows]).to(x_orig.dtype)
         del z, logits
-        step_rows = rows[keep]
+        step_rows = rows if isinstance(keep, slice) else _rows(active)
         state = StepState(
             x_adv=x_adv[step_rows],
             x_orig=x_orig[step_rows],
@@ -470,7 +474,7 @@ def _iterate(
         final_success |= succeeded
     if tracer is not None:
         tracer.update(
-            active.nonzero().squeeze(1),
+            _rows(active),
             final_logits[active],
             original[active],
             final_success[active],
@@ -484,6 +488,13 @@ def _iterate(
         original_class=original,
         trace=tracer.result() if tracer is not None else None,
     )
+
+
+def _rows(active: torch.Tensor) -> torch.Tensor | slice:
+    """Index of the active samples: a slice (views, no copies) while all are active, else their indices."""
+    if bool(active.all()):
+        return slice(None)
+    return active.nonzero().squeeze(1)
 
 
 def _is_success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:

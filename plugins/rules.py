@@ -23,7 +23,7 @@ from zennit.composites import (
     EpsilonPlus,
     EpsilonPlusFlat,
 )
-from zennit.core import Composite, Hook
+from zennit.core import Composite, Hook, RemovableHandle, RemovableHandleList
 
 DEFAULT_STABILIZER = 1e-6
 Layer = nn.Conv2d | nn.Linear
@@ -58,30 +58,56 @@ def _negative_bias(module: Layer) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.clamp(max=0)
 
 
-class FastRule(Hook):
-    """A Zennit hook whose backward is :meth:`relevance` computed in closed form from the stored input.
+class _RuleNode(torch.autograd.Function):
+    """Identity on the layer's output whose backward is the rule's relevance (hook active) or the true
+    input gradient W^T g (hook inactive). Autograd never runs the layer's own backward behind it."""
 
-    Subclasses implement ``relevance(module, x, relevance_out)``; ``stabilizer`` is Zennit's (a float
-    added with the sign of the denominator, +1 for 0).
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, output: list[torch.Tensor], hook: FastRule, module: Layer
+    ) -> torch.Tensor:
+        """``output`` arrives in a list so autograd does not take it for an input: the result is then a
+        fresh output of this node, which an in-place ReLU after the layer may modify (no copy needed)."""
+        ctx.save_for_backward(x)
+        ctx.hook, ctx.module = hook, module
+        return output[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        module = ctx.module
+        if ctx.hook.active:
+            grad = ctx.hook.relevance(module, x, grad_output)
+        else:
+            grad = _layer_transpose(module, x.shape, module.weight, grad_output)
+        return grad, None, None, None
+
+
+class FastRule(Hook):
+    """A Zennit hook whose backward is :meth:`relevance`, computed in closed form from the layer's input.
+
+    Unlike Zennit's hooks, which let autograd run the layer's own backward and then replace its result,
+    the layer's output is routed through one autograd node that computes either the relevance or, inside
+    ``composite.inactive()``, the true input gradient: no backward is computed only to be thrown away.
+    Parameter gradients do not flow through a hooked layer (attacks and detectors never need them).
+    Subclasses implement ``relevance(module, x, relevance_out)``; ``stabilizer`` is Zennit's (added with
+    the sign of the denominator, +1 for 0).
     """
 
     def __init__(self, stabilizer: float = DEFAULT_STABILIZER) -> None:
         super().__init__()
         self.stabilizer = float(stabilizer)
 
-    def forward(self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self.stored_tensors["input"] = input[0].detach()
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._route)])
 
-    def backward(
-        self,
-        module: nn.Module,
-        grad_input: tuple[torch.Tensor | None, ...],
-        grad_output: tuple[torch.Tensor, ...],
-    ) -> tuple[torch.Tensor | None, ...]:
-        relevance = self.relevance(module, self.stored_tensors["input"], grad_output[0])
-        return tuple(
-            relevance if item is not None and item.shape == relevance.shape else None for item in grad_input
-        )
+    def _route(
+        self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = input[0]
+        if not x.requires_grad:
+            return output
+        return _RuleNode.apply(x, [output.detach()], self, module)
 
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # every rule below overrides it
@@ -93,8 +119,12 @@ class FastRule(Hook):
         return {"stabilizer": self.stabilizer}
 
     def _ratio(self, relevance_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """R / (z + eps sign(z)) with sign(0) = +1: Zennit's ``stabilize`` in one fused expression."""
+        """R / (z + eps sign(z)) with sign(0) = +1: Zennit's ``stabilize`` in one expression."""
         return relevance_out / torch.where(z >= 0, z + self.stabilizer, z - self.stabilizer)
+
+    def _ratio_nonnegative(self, relevance_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The same for a z known to be >= 0 (or -0.0), where Zennit's stabilizer is z + eps."""
+        return relevance_out / (z + self.stabilizer)
 
 
 class FastEpsilon(FastRule):
@@ -113,12 +143,12 @@ class FastZPlus(FastRule):
 
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
         w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
-        has_negative = bool((x < 0).any())
+        has_negative = bool(x.min() < 0)
         x_pos = x.clamp(min=0) if has_negative else x
         z = _layer_forward(module, x_pos, w_pos, _positive_bias(module))
         if has_negative:
             z = z + _layer_forward(module, x.clamp(max=0), w_neg, None)
-        signal = self._ratio(relevance_out, z)
+        signal = self._ratio_nonnegative(relevance_out, z)  # z+ >= 0: nonnegative inputs times weights
         relevance = x_pos * _layer_transpose(module, x.shape, w_pos, signal)
         if has_negative:
             relevance = relevance + x.clamp(max=0) * _layer_transpose(module, x.shape, w_neg, signal)
@@ -143,7 +173,7 @@ class FastAlphaBeta(FastRule):
 
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
         w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
-        has_negative = bool((x < 0).any())
+        has_negative = bool(x.min() < 0)
         x_pos = x.clamp(min=0) if has_negative else x
         x_neg = x.clamp(max=0)
         parts = []
@@ -177,8 +207,14 @@ class FastFlat(FastRule):
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._denominator:
             self._denominator[key] = _layer_forward(module, torch.ones_like(x[:1]), ones, None)
-        signal = self._ratio(relevance_out, self._denominator[key].expand_as(relevance_out))
-        return _layer_transpose(module, x.shape, ones, signal)
+        signal = self._ratio_nonnegative(relevance_out, self._denominator[key].expand_as(relevance_out))
+        if getattr(module, "groups", 1) != 1:
+            return _layer_transpose(module, x.shape, ones, signal)
+        # All kernels are equal: summing the output channels first gives every input channel the same
+        # relevance at a 1/out_channels of the cost.
+        summed = signal.sum(1, keepdim=True)
+        single_channel = (x.shape[0], 1, *x.shape[2:])
+        return _layer_transpose(module, single_channel, ones[:1, :1], summed).expand_as(x).contiguous()
 
 
 FAST_LAYERS = (nn.Conv2d, nn.Linear)

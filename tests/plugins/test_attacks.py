@@ -73,7 +73,8 @@ def record_steps(
     class Recording(PATTERNS[name]):  # type: ignore[misc,valid-type]
         def step(self, state: Any, config: Any) -> torch.Tensor:
             after = super().step(state, config)
-            steps.append((state.rows.clone(), state.x_adv.clone(), after.clone()))
+            rows = torch.arange(len(x))[state.rows]  # rows is a slice while every sample is active
+            steps.append((rows, state.x_adv.clone(), after.clone()))
             return after
 
     result = run_attack(Recording(), model, x, y, bounds=bounds, config=make_config(name, **params))
