@@ -11,7 +11,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[all,dev]'
 	touch $(STAMP)
 

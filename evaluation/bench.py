@@ -3,7 +3,8 @@
 Same model (the VGG-style 28x28 reference CNN, random weights: speed does not depend on training), same
 random batch, early stop off, each attack through the adapter of the library it is compared with:
 ART's BasicIterativeMethod next to our ART adapters, torchattacks' BIM next to our torchattacks adapters.
-Ratios are to the IFGSM of the same library. Also: batched relevance vs one image at a time, per image.
+Ratios are to the IFGSM of the same library. Also: a relevance pass with Zennit's stock rules and with
+ours next to a gradient step, and batched relevance vs one image at a time, per image.
 """
 
 from __future__ import annotations
@@ -108,6 +109,26 @@ def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: 
     )
 
 
+def rule_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[BenchRow]:
+    """Seconds per batch of one relevance pass (forward included), stock Zennit rules vs ours, next to a
+    gradient step (forward + input gradient) on the same batch."""
+
+    def gradient_step() -> torch.Tensor:
+        z = x.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(z), y, reduction="sum")
+        return torch.autograd.grad(loss, z)[0]
+
+    stock, fast = Relevance(model, fast_rules=False), Relevance(model)
+    runners = {
+        "gradient step (forward + input gradient)": gradient_step,
+        "relevance pass, Zennit stock rules": lambda: stock(x, y),
+        "relevance pass, xaiadv fast rules": lambda: fast(x, y),
+    }
+    for run in runners.values():
+        run()
+    return _relative("zennit", {name: _median_seconds(run, repeats) for name, run in runners.items()}, "s/batch")
+
+
 def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:
     """Measure every row in this one run and return them; nothing is read from earlier runs."""
     for name, value in (("batch_size", batch_size), ("iterations", iterations), ("repeats", repeats)):
@@ -128,4 +149,4 @@ def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, see
             run()
         seconds = {name: _median_seconds(run, repeats) / iterations for name, run in runners.items()}
         rows += _relative(library, seconds, "s/iteration")
-    return rows + relevance_rows(model, x, y, repeats)
+    return rows + rule_rows(model, x, y, repeats) + relevance_rows(model, x, y, repeats)

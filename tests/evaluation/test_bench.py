@@ -17,8 +17,14 @@ OURS = ["LRPFlip", "LRPMean", "LRPGrad", "LRPGradMean"]
 EXPECTED = {
     "art": ["IFGSM (BasicIterativeMethod)", *OURS],
     "torchattacks": ["IFGSM (BIM)", *OURS],
+    "zennit": [
+        "gradient step (forward + input gradient)",
+        "relevance pass, Zennit stock rules",
+        "relevance pass, xaiadv fast rules",
+    ],
     "xaiadv": ["relevance, one image at a time", "relevance, batched"],
 }
+UNITS = {"art": "s/iteration", "torchattacks": "s/iteration", "zennit": "s/batch", "xaiadv": "s/image"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def test_ratios_are_to_the_first_row_of_the_library(rows: list[BenchRow], librar
         assert math.isfinite(row.seconds) and row.seconds > 0.0
         assert math.isfinite(row.ratio) and row.ratio > 0.0
         assert row.ratio == pytest.approx(row.seconds / reference.seconds, rel=1e-12)
-        assert row.unit == ("s/image" if library == "xaiadv" else "s/iteration")
+        assert row.unit == UNITS[library]
 
 
 def test_rows_are_frozen_values(rows: list[BenchRow]) -> None:
