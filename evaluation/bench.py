@@ -126,7 +126,9 @@ def rule_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
     }
     for run in runners.values():
         run()
-    return _relative("zennit", {name: _median_seconds(run, repeats) for name, run in runners.items()}, "s/batch")
+    return _relative(
+        "zennit", {name: _median_seconds(run, repeats) for name, run in runners.items()}, "s/batch"
+    )
 
 
 def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:

@@ -123,8 +123,11 @@ class FastRule(Hook):
         return relevance_out / torch.where(z >= 0, z + self.stabilizer, z - self.stabilizer)
 
     def _ratio_nonnegative(self, relevance_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The same for a z known to be >= 0 (or -0.0), where Zennit's stabilizer is z + eps."""
-        return relevance_out / (z + self.stabilizer)
+        """The same for a z known to be >= 0 (or -0.0), where Zennit's stabilizer is z + eps.
+
+        z must be a temporary of the caller: it is overwritten with the result (no extra allocation).
+        """
+        return torch.div(relevance_out, z.add_(self.stabilizer), out=z)
 
 
 class FastEpsilon(FastRule):
@@ -149,9 +152,9 @@ class FastZPlus(FastRule):
         if has_negative:
             z = z + _layer_forward(module, x.clamp(max=0), w_neg, None)
         signal = self._ratio_nonnegative(relevance_out, z)  # z+ >= 0: nonnegative inputs times weights
-        relevance = x_pos * _layer_transpose(module, x.shape, w_pos, signal)
+        relevance = _layer_transpose(module, x.shape, w_pos, signal).mul_(x_pos)
         if has_negative:
-            relevance = relevance + x.clamp(max=0) * _layer_transpose(module, x.shape, w_neg, signal)
+            relevance += _layer_transpose(module, x.shape, w_neg, signal).mul_(x.clamp(max=0))
         return relevance
 
 
@@ -205,9 +208,11 @@ class FastFlat(FastRule):
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
         ones = torch.ones_like(module.weight)
         key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self._denominator:
-            self._denominator[key] = _layer_forward(module, torch.ones_like(x[:1]), ones, None)
-        signal = self._ratio_nonnegative(relevance_out, self._denominator[key].expand_as(relevance_out))
+        if key not in self._denominator:  # stabilized once: z_flat >= 0, so Zennit's denominator is z + eps
+            self._denominator[key] = (
+                _layer_forward(module, torch.ones_like(x[:1]), ones, None) + self.stabilizer
+            )
+        signal = relevance_out / self._denominator[key]
         if getattr(module, "groups", 1) != 1:
             return _layer_transpose(module, x.shape, ones, signal)
         # All kernels are equal: summing the output channels first gives every input channel the same
