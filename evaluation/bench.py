@@ -37,13 +37,16 @@ class BenchRow:
     unit: str
 
 
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
+def _interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each runner, timed in turns (A, B, C, A, B, C, ...) so that drifting load on a
+    shared machine hits every row alike and the ratios stay comparable."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _art_runners(
@@ -100,13 +103,17 @@ def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: 
     """Seconds per image of one relevance pass: the whole batch at once vs one image at a time."""
     relevance = Relevance(model)
     single = x[: min(len(x), 16)]
-    batched = _median_seconds(lambda: relevance(x, y), repeats) / len(x)
-    one_by_one = _median_seconds(
-        lambda: [relevance(single[i : i + 1], y[i : i + 1]) for i in range(len(single))], repeats
-    ) / len(single)
-    return _relative(
-        "xaiadv", {"relevance, one image at a time": one_by_one, "relevance, batched": batched}, "s/image"
+    seconds = _interleaved_medians(
+        {
+            "relevance, one image at a time": lambda: [
+                relevance(single[i : i + 1], y[i : i + 1]) for i in range(len(single))
+            ],
+            "relevance, batched": lambda: relevance(x, y),
+        },
+        repeats,
     )
+    per_image = {"relevance, one image at a time": len(single), "relevance, batched": len(x)}
+    return _relative("xaiadv", {name: value / per_image[name] for name, value in seconds.items()}, "s/image")
 
 
 def rule_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[BenchRow]:
@@ -126,9 +133,7 @@ def rule_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
     }
     for run in runners.values():
         run()
-    return _relative(
-        "zennit", {name: _median_seconds(run, repeats) for name, run in runners.items()}, "s/batch"
-    )
+    return _relative("zennit", _interleaved_medians(runners, repeats), "s/batch")
 
 
 def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:
@@ -149,6 +154,6 @@ def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, see
     ):
         for run in runners.values():  # warm-up: first calls pay for allocation and lazy imports
             run()
-        seconds = {name: _median_seconds(run, repeats) / iterations for name, run in runners.items()}
+        seconds = {name: value / iterations for name, value in _interleaved_medians(runners, repeats).items()}
         rows += _relative(library, seconds, "s/iteration")
     return rows + rule_rows(model, x, y, repeats) + relevance_rows(model, x, y, repeats)

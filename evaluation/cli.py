@@ -95,7 +95,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     rows = run_bench(batch_size=args.batch_size, iterations=args.iterations, repeats=args.repeats)
     print(
-        f"batch {args.batch_size}, {args.iterations} iterations, early stop off, median of {args.repeats}\n"
+        f"batch {args.batch_size}, {args.iterations} iterations, early stop off, "
+        f"median of {args.repeats} interleaved runs\n"
     )
     print(
         format_table(
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="seconds per iteration, side by side")
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--iterations", type=int, default=10)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=5)
     bench.set_defaults(run=_bench)
     return parser
 

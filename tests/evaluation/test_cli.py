@@ -197,7 +197,7 @@ def test_bench_prints_the_rows_of_run_bench(
     assert main(["bench", "--batch-size", "4", "--iterations", "2", "--repeats", "1"]) == 0
     assert calls == [(4, 2, 1)]
     out = capsys.readouterr().out
-    assert out.startswith("batch 4, 2 iterations, early stop off, median of 1\n")
+    assert out.startswith("batch 4, 2 iterations, early stop off, median of 1 interleaved runs\n")
     assert _table_rows(out)[2:] == [
         ["art", "IFGSM", "0.01235", "s/iteration", "1", "IFGSM"],
         ["art", "LRPGrad", "0.5", "s/iteration", "40.5", "IFGSM"],
