@@ -1,0 +1,78 @@
+"""Threshold calibration shared by the detectors: scores are higher for more likely adversarial inputs.
+
+A sample is flagged when its score is strictly above the threshold. At a target false-positive rate the
+threshold is the smallest clean score that leaves at most floor(fpr * n) of the n clean calibration scores
+above it, so the rate on the calibration data never exceeds ``fpr`` and misses it by less than 1/n.
+Per class: the same within each class's clean scores. With adversarial scores, the equal-error
+threshold instead (where the false-positive and false-negative rates meet).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def check_fpr(fpr: object) -> float:
+    """``fpr`` as a float in the open interval (0, 1), or a ValueError naming it."""
+    if (
+        isinstance(fpr, bool)
+        or not isinstance(fpr, (int, float))
+        or not math.isfinite(fpr)
+        or not 0 < fpr < 1
+    ):
+        raise ValueError(f"fpr must be a number in (0, 1); got {fpr!r}")
+    return float(fpr)
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
+    """The threshold that flags at most ``fpr`` of ``clean_scores`` (flag: score > threshold)."""
+    fpr = check_fpr(fpr)
+    scores = np.sort(_scores(clean_scores, "clean_scores"))
+    allowed_above = math.floor(fpr * scores.size + 1e-9)
+    return float(scores[scores.size - allowed_above - 1])
+
+
+def per_class_thresholds(
+    clean_scores: np.ndarray, classes: np.ndarray, n_classes: int, fpr: float
+) -> np.ndarray:
+    """One threshold per class from that class's clean scores; a class without scores raises, naming it."""
+    scores = _scores(clean_scores, "clean_scores")
+    classes = np.asarray(classes).reshape(-1)
+    if classes.shape != scores.shape:
+        raise ValueError(f"classes must have one entry per score ({scores.size}); got {classes.size}")
+    thresholds = np.empty(n_classes, dtype=np.float64)
+    for label in range(n_classes):  # one quantile per class: n_classes is small, not a per-sample loop
+        members = scores[classes == label]
+        if members.size == 0:
+            raise ValueError(
+                f"class {label} has no clean calibration samples; a per-class threshold needs some"
+            )
+        thresholds[label] = threshold_at_fpr(members, fpr)
+    return thresholds
+
+
+def equal_error_threshold(clean_scores: np.ndarray, adversarial_scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, equal error rate): the observed score where FPR and FNR are closest; EER their mean.
+
+    Candidates are all observed scores; ties are handled by the strict ``>`` rule, so tied clean and
+    adversarial scores fall on the same side.
+    """
+    clean = _scores(clean_scores, "clean_scores")
+    adversarial = _scores(adversarial_scores, "adversarial_scores")
+    candidates = np.unique(np.concatenate([clean, adversarial]))
+    clean_sorted, adversarial_sorted = np.sort(clean), np.sort(adversarial)
+    fpr = 1.0 - np.searchsorted(clean_sorted, candidates, side="right") / clean.size
+    fnr = np.searchsorted(adversarial_sorted, candidates, side="right") / adversarial.size
+    best = int(np.argmin(np.abs(fpr - fnr)))
+    return float(candidates[best]), float((fpr[best] + fnr[best]) / 2.0)
+
+
+def _scores(values: np.ndarray, name: str) -> np.ndarray:
+    scores = np.asarray(values, dtype=np.float64).reshape(-1)
+    if scores.size == 0:
+        raise ValueError(f"{name} is empty; calibration needs scores")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return scores

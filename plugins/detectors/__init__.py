@@ -1,0 +1,6 @@
+"""Detectors of adversarial inputs from what the network does inside (seeds 000, 002, 003).
+
+Each is fitted on clean data only (``fit(...) -> self``, fitted attributes end in ``_``) and
+``score(x)`` returns one number per sample, higher meaning more likely adversarial; threshold
+calibration is a separate step (:mod:`xaiadv.plugins.calibration`).
+"""
