@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -23,6 +22,7 @@ from torch import nn
 
 from xaiadv.plugins.attacks import AttackResult
 from xaiadv.plugins.checks import check_bounds
+from xaiadv.plugins.modes import modes_restored
 
 from ._common import ATTACK_CLASSES, build_config, run_plugin
 
@@ -179,17 +179,6 @@ def _build_xaiadv(
     return built
 
 
-@contextmanager
-def _mode_restored(model: nn.Module) -> Iterator[None]:
-    """Libraries may switch the model to eval (or train); put every module back as it was."""
-    modes = [module.training for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode
-
-
 def _mean_std(preprocessing: Any, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
     mean, std = (
         np.broadcast_to(np.asarray(value, dtype=np.float32).reshape(-1), (n_channels,)).copy()
@@ -226,7 +215,7 @@ def _build_art(
     def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
-        with _mode_restored(model):
+        with modes_restored(model):
             model.eval()  # the class-count probe must not update BatchNorm statistics
             attack = cls(classifier_for(x), **params)
             labels = None if y is None else _art_labels(y, model, x, attack)
@@ -262,7 +251,7 @@ def _build_foolbox(
     def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
-        with _mode_restored(model):
+        with modes_restored(model):
             fb_preprocessing = None
             if preprocessing is not None:
                 mean, std = _mean_std(preprocessing, x.shape[1])
@@ -303,13 +292,13 @@ def _build_torchattacks(
         raise ValueError(f"torchattacks attacks work on inputs in [0, 1]; got bounds {bounds}")
     cls = _torchattacks_attacks()[name]
     attacked = model if preprocessing is None else _Normalized(model, preprocessing)
-    with _mode_restored(model):
+    with modes_restored(model):
         attack = cls(attacked, **params)
 
     def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
-        with _mode_restored(model):
+        with modes_restored(model):
             model.eval()  # the prediction for y=None must not update BatchNorm statistics
             labels = y
             if labels is None:

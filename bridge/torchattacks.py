@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from xaiadv.plugins.attacks import PATTERNS
+from xaiadv.plugins.modes import modes_restored
 
 from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
 
@@ -93,13 +94,11 @@ class LRPAttack(Attack):
 
     @contextmanager
     def _restored(self) -> Iterator[None]:
-        modes = [(module, module.training) for module in self.model.modules()]
         applied = self._normalization_applied
         try:
-            yield
+            with modes_restored(self.model):
+                yield
         finally:
-            for module, training in modes:
-                module.training = training
             self._normalization_applied = applied
 
     def _set_mode_targeted(self, mode: str, quiet: bool) -> None:

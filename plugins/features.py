@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .modes import eval_mode
+
 Capture = Literal["output", "input"]
 
 
@@ -47,18 +49,6 @@ def pooled(features: torch.Tensor) -> torch.Tensor:
     if features.dim() == 4:
         return features.mean(dim=(2, 3))
     return features.flatten(1)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode for the block; every module's own flag restored after, even on error."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class FeatureExtractor:

@@ -25,6 +25,7 @@ from zennit.core import Composite
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Activation, BatchNorm, Convolution
 
+from .modes import eval_mode
 from .rules import FAST_COMPOSITES
 
 logger = logging.getLogger(__name__)
@@ -265,23 +266,21 @@ class Relevance:
         )
         box = (self.normalize(low).to(self.param_dtype), self.normalize(high).to(self.param_dtype))
         composite = build_composite(self.composite, self.canonizers, box, fast_rules=self.fast_rules)
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            composite.register(self.model)
-            self._active = composite
-            unmerged = _unmerged_batchnorms(self.model) if len(composite.hook_refs) else []
-            if unmerged:
-                raise ValueError(
-                    f"BatchNorm layers {unmerged} are not merged into a preceding linear layer, so relevance "
-                    "would not be conserved; pass canonizers=[...] (for a Composite: build it with them)"
-                )
-            yield self
-        finally:
-            self._active = None
-            composite.remove()
-            for module, training in modes:  # per module: model.train(flag) would unfreeze a frozen submodule
-                module.training = training
+        with eval_mode(self.model):
+            try:
+                composite.register(self.model)
+                self._active = composite
+                unmerged = _unmerged_batchnorms(self.model) if len(composite.hook_refs) else []
+                if unmerged:
+                    raise ValueError(
+                        f"BatchNorm layers {unmerged} are not merged into a preceding linear layer, so "
+                        "relevance would not be conserved; pass canonizers=[...] (for a Composite: build it "
+                        "with them)"
+                    )
+                yield self
+            finally:
+                self._active = None
+                composite.remove()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward through the hooked model: returns (normalized leaf z, logits).
