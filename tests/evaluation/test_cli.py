@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xaiadv.bridge.registry import available_attacks
-from xaiadv.evaluation import bench, data, demo
+from xaiadv.evaluation import bench, demo
 from xaiadv.evaluation.bench import BenchRow
 from xaiadv.evaluation.cli import format_table, main
 from xaiadv.evaluation.models import TrainConfig, load_model
@@ -30,13 +30,7 @@ FAST_ATTACKS = (
 TINY = TrainConfig(dataset="fashion_mnist", epochs=1, width=4, max_train=64)
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Model cache in tmp_path, no $XAIADV_DATA and no system folders: only digits exists."""
-    monkeypatch.setenv("XAIADV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("XAIADV_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("isolated")  # tests/evaluation/conftest.py
 
 
 @pytest.fixture

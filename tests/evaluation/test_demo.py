@@ -28,13 +28,7 @@ FAST_ATTACKS = (
 MEDIANS = ("median_l0", "median_l1", "median_l2", "median_linf")
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Model cache in tmp_path, no $XAIADV_DATA and no system folders: only digits exists."""
-    monkeypatch.setenv("XAIADV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("XAIADV_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("isolated")  # tests/evaluation/conftest.py
 
 
 def _check_row(row: AttackRow) -> None:
