@@ -4,3 +4,9 @@ Each is fitted on clean data only (``fit(...) -> self``, fitted attributes end i
 ``score(x)`` returns one number per sample, higher meaning more likely adversarial; threshold
 calibration is a separate step (:mod:`xaiadv.plugins.calibration`).
 """
+
+from .entropy import SpatialEntropy
+from .idefender import IDefender, gmm_log_likelihood
+from .knn import KNNScore
+
+__all__ = ["IDefender", "KNNScore", "SpatialEntropy", "gmm_log_likelihood"]

@@ -1,0 +1,357 @@
+"""kNN score of the class the network predicts, on deep features (Carrara et al. 2017, seeds/003).
+
+Why: an adversarial perturbation is made to fool the final classification, not the representation
+inside; the training images nearest to an adversarial example in deep-feature space rarely carry the
+class the network was fooled into, while those of a correctly classified clean image usually do.
+Section 4, eq. 2: ``s(q, c) = sum_i w_i 1{c_i = c} / sum_i w_i`` over the k nearest training features
+of the query q, with ``w_i = 1`` (kNN), ``1/i`` (W-kNN) or ``1/d(q, x_i)^2`` (DW-kNN) (Table 1); the
+detector's score is ``1 - s(q, f(q))``, so that higher means more likely adversarial.
+
+Search is exact, in torch, chunked over queries: a float32 pass (``|q|^2 + |r|^2 - 2 q.r``) picks
+candidates, their distances are recomputed exactly in float64 from the differences (so an exact
+duplicate is at distance exactly 0), and rows where float32 rounding could have hidden a nearer or
+tied reference are re-searched exhaustively in float64. Ties go to the lower reference index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..checks import check_labels
+from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
+from ..relevance import as_preprocessing
+
+WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
+PREPROCESSES: tuple[str | None, ...] = (None, "l2", "pca")
+
+_FLOAT32_EPS = 2.0**-23
+_BLOCK_ELEMENTS = 2**22  # float64 elements per block of exact recomputation (32 MiB)
+
+
+class KNNScore:
+    """Carrara et al. 2017: kNN score of the class the network predicts, on deep features (eq. 2).
+
+    Fitted on clean training images: their deep features (``layer``'s output, conv maps globally
+    average-pooled, others flattened; default the last Conv2d) after ``preprocess`` are the references.
+    ``score(x)`` (N,) is ``1 - s(x, f(x))``: higher means more likely adversarial.
+
+    ``weighting="distance"`` (DW-kNN, ``w_i = 1/d_i^2``) with an exact match (``d = 0``) among the k
+    neighbours: the limit of eq. 2 as those distances go to 0, i.e. the zero-distance neighbours carry all
+    the weight, shared equally. Memory of one search chunk: ``chunk_size * n_references`` float32 values.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layer: str | None = None,
+        k: int = 10,
+        weighting: str = "uniform",
+        preprocess: str | None = "l2",
+        n_components: int = 256,
+        batch_size: int = 256,
+        chunk_size: int = 2048,
+        preprocessing: object = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        for name, value in (("k", k), ("n_components", n_components), ("batch_size", batch_size)):
+            _check_positive_int(name, value)
+        _check_positive_int("chunk_size", chunk_size)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
+        if preprocess not in PREPROCESSES:
+            raise ValueError(f"preprocess must be one of {PREPROCESSES}; got {preprocess!r}")
+        if layer is not None and not isinstance(layer, str):
+            raise ValueError(f"layer must be a layer name (str) or None; got {layer!r}")
+        is_pair = isinstance(preprocessing, (tuple, list)) and len(preprocessing) == 2
+        if preprocessing is not None and not is_pair:
+            raise ValueError(f"preprocessing must be None or a pair (mean, std); got {preprocessing!r}")
+        if layer is None:
+            try:
+                resolved = last_layer_of_type(model, nn.Conv2d)
+            except ValueError as error:
+                raise ValueError(f"layer=None picks the last Conv2d, but {error}; pass layer=...") from None
+        else:
+            check_layers(model, [layer])
+            resolved = layer
+        self.model = model
+        self.layer = layer
+        self.k = k
+        self.weighting = weighting
+        self.preprocess = preprocess
+        self.n_components = n_components
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.preprocessing = preprocessing
+        self._layer = resolved
+
+    def __repr__(self) -> str:
+        return (
+            f"KNNScore(layer={self._layer!r}, k={self.k}, weighting={self.weighting!r}, "
+            f"preprocess={self.preprocess!r}, n_components={self.n_components})"
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # fitting
+
+    def fit(self, x: torch.Tensor, y: object) -> KNNScore:
+        """Extract and store the reference features of clean ``x`` (N, ...) with labels ``y`` (N,) or one-hot.
+
+        Fitted attributes: ``layer_``, ``n_classes_`` (the model's output size), ``input_shape_``,
+        ``raw_feature_dim_`` (D before preprocess),
+        ``reference_features_`` (N, D) float32 after preprocess, ``reference_labels_`` (N,), and for PCA
+        ``pca_mean_`` (D,) and ``pca_projection_`` (D, n_components) in float64.
+        """
+        _check_x(x, "x")
+        n = x.shape[0]
+        if n < self.k:
+            raise ValueError(f"x has {n} samples but k={self.k}: kNN needs at least k reference samples")
+        logits, raw = self._forward(x[:1])  # one sample: the model's output size and the feature size
+        n_classes, dim = logits.shape[1], raw.shape[1]
+        labels = check_labels(y, n, n_classes, x.device, name="y")
+        if self.preprocess == "pca" and self.n_components > min(n, dim):
+            raise ValueError(
+                f"n_components={self.n_components} must be <= min(number of samples, feature size) = "
+                f"min({n}, {dim}) for preprocess='pca'"
+            )
+        _, raw = self._forward(x)
+        self.layer_ = self._layer
+        self.n_classes_ = n_classes
+        self.input_shape_ = tuple(x.shape[1:])
+        self.raw_feature_dim_ = dim
+        if self.preprocess == "pca":
+            self.pca_mean_, self.pca_projection_ = _fit_whitening(raw, self.n_components)
+        self.reference_labels_ = labels
+        self.reference_features_ = self._transform(raw)
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    # public queries
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) pooled deep features of raw ``x`` after preprocess, float32 on x's device."""
+        self._check_fitted()
+        _check_x(x, "x", self.input_shape_)
+        return self._transform(self._forward(x)[1])
+
+    def neighbours(
+        self, features: torch.Tensor, *, exclude_self: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances (N, k) ascending, float32; indices (N, k) into the references) of ``features`` (N, D).
+
+        ``exclude_self=True``: ``features`` are the reference features themselves (row i is reference i)
+        and each row's own index is left out (leave-one-out). Equal distances: lower index first.
+        """
+        self._check_fitted()
+        features = self._check_features(features, exclude_self)
+        squared, indices = self._search(features, exclude_self)
+        return squared.sqrt().float(), indices
+
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, n_classes) eq. 2 score of every class among the k nearest references of raw ``x``."""
+        self._check_fitted()
+        _check_x(x, "x", self.input_shape_)
+        return self._class_scores(self._transform(self._forward(x)[1]))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) ``1 - s(x, f(x))``: one minus the kNN score of the predicted class; higher = adversarial."""
+        self._check_fitted()
+        _check_x(x, "x", self.input_shape_)
+        logits, raw = self._forward(x)
+        scores = self._class_scores(self._transform(raw))
+        return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0]
+
+    # ------------------------------------------------------------------------------------------------
+    # internals
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "reference_features_"):
+            raise RuntimeError("this KNNScore is not fitted yet: call fit(x, y) first")
+
+    def _check_features(self, features: object, exclude_self: bool) -> torch.Tensor:
+        dim = self.reference_features_.shape[1]
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise TypeError(f"features must be a floating-point torch.Tensor; got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != dim:
+            raise ValueError(f"features must be shaped (N, {dim}); got {tuple(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features contains NaN or Inf values")
+        n_references = self.reference_features_.shape[0]
+        if exclude_self:
+            if features.shape[0] != n_references:
+                raise ValueError(
+                    f"exclude_self=True needs the {n_references} reference features themselves; "
+                    f"got {features.shape[0]} rows"
+                )
+            if self.k > n_references - 1:
+                raise ValueError(f"k={self.k} must be <= {n_references - 1} (all references but one) here")
+        return features.float()
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), raw pooled features (N, D) float32) in mini-batches, one forward pass each."""
+        if x.shape[0] == 0:
+            return (
+                torch.empty(0, self.n_classes_, device=x.device),
+                torch.empty(0, self.raw_feature_dim_, device=x.device),
+            )
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+        preprocessing = as_preprocessing(self.preprocessing, x)
+        logits, features = [], []
+        with FeatureExtractor(self.model, [self._layer]).capturing() as captured, torch.no_grad():
+            for start in range(0, x.shape[0], self.batch_size):
+                batch = x[start : start + self.batch_size].to(dtype)
+                if preprocessing is not None:
+                    mean, std = preprocessing
+                    batch = (batch - mean.to(dtype)) / std.to(dtype)
+                output = self.model(batch)
+                if self._layer not in captured:
+                    raise ValueError(f"layer {self._layer!r} was not called in the model's forward pass")
+                if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                    raise ValueError("the model must return logits shaped (N, n_classes)")
+                logits.append(output)
+                features.append(pooled(captured.pop(self._layer)).float())
+        return torch.cat(logits), torch.cat(features)
+
+    def _transform(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.preprocess == "l2":
+            return F.normalize(raw, dim=1)
+        if self.preprocess == "pca":
+            mean, projection = self.pca_mean_.to(raw.device), self.pca_projection_.to(raw.device)
+            return ((raw.double() - mean) @ projection).float()
+        return raw
+
+    def _class_scores(self, features: torch.Tensor) -> torch.Tensor:
+        squared, indices = self._search(features, exclude_self=False)
+        labels = self.reference_labels_.to(features.device)[indices]
+        weights = self._weights(squared)
+        scores = torch.zeros(features.shape[0], self.n_classes_, dtype=torch.float64, device=features.device)
+        scores.scatter_add_(1, labels, weights)
+        return (scores / weights.sum(1, keepdim=True)).float()
+
+    def _weights(self, squared: torch.Tensor) -> torch.Tensor:
+        """Table 1 weights (N, k) in float64 from squared distances (N, k), ascending per row."""
+        if self.weighting == "uniform":
+            return torch.ones_like(squared)
+        if self.weighting == "rank":
+            ranks = torch.arange(1, squared.shape[1] + 1, dtype=torch.float64, device=squared.device)
+            return (1.0 / ranks).expand_as(squared)
+        # 1/d_i^2 scaled by the row's smallest d_1^2 (eq. 2 normalizes, and no overflow): d_1^2/d_i^2.
+        # An exact match (d_1 = 0): the limit, all the weight on the zero-distance neighbours, equally.
+        nearest = squared[:, :1]
+        exact = nearest == 0
+        ratio = nearest / torch.where(squared == 0, torch.ones_like(squared), squared)
+        return torch.where(exact, (squared == 0).double(), ratio)
+
+    def _search(self, queries: torch.Tensor, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest references of ``queries`` (N, D): (squared distances float64, indices)."""
+        k = self.k
+        references = self.reference_features_.to(queries.device)
+        n_references, dim = references.shape
+        n = queries.shape[0]
+        out_squared = torch.empty(n, k, dtype=torch.float64, device=queries.device)
+        out_indices = torch.empty(n, k, dtype=torch.long, device=queries.device)
+        if n == 0:
+            return out_squared, out_indices
+        reference_squares = (references * references).sum(1)
+        largest_norm = float(reference_squares.max().sqrt())
+        n_candidates = min(n_references, 2 * k + 16)
+        for start in range(0, n, self.chunk_size):
+            query = queries[start : start + self.chunk_size]
+            rows = torch.arange(query.shape[0], device=queries.device)
+            query_squares = (query * query).sum(1)
+            approximate = (query @ references.T).mul_(-2).add_(reference_squares).add_(query_squares[:, None])
+            if exclude_self:
+                approximate[rows, start + rows] = math.inf
+            candidate_values, candidates = approximate.topk(n_candidates, dim=1, largest=False, sorted=False)
+            del approximate
+            exact = _exact_squared(query, references, candidates)
+            if exclude_self:
+                exact[candidates == (start + rows)[:, None]] = math.inf
+            squared, indices = _k_smallest(exact, candidates, k)
+            # A reference outside the candidates is at least (largest candidate value - rounding bound) away.
+            rounding = (2 * dim + 8) * _FLOAT32_EPS * (query_squares.sqrt() + largest_norm) ** 2
+            unsure = candidate_values.max(1).values - rounding <= squared[:, -1]
+            if n_candidates == n_references:
+                unsure[:] = False
+            for row in unsure.nonzero()[:, 0].tolist():  # rare: near ties at the k-th neighbour
+                own = start + row if exclude_self else -1
+                squared[row], indices[row] = _exhaustive(query[row], references, k, own)
+            out_squared[start : start + query.shape[0]] = squared
+            out_indices[start : start + query.shape[0]] = indices
+        return out_squared, out_indices
+
+
+def _exact_squared(query: torch.Tensor, references: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Squared distances (n, m) in float64 from the differences, in blocks of queries to bound memory."""
+    n, m = candidates.shape
+    rows = max(1, _BLOCK_ELEMENTS // (m * references.shape[1]))
+    parts = []
+    for start in range(0, n, rows):
+        block = candidates[start : start + rows]
+        difference = query[start : start + rows, None, :].double() - references[block].double()
+        parts.append((difference * difference).sum(-1))
+    return torch.cat(parts)
+
+
+def _k_smallest(squared: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest per row, ordered by (squared distance, index): ties go to the lower index."""
+    indices, by_index = indices.sort(1)
+    squared = squared.gather(1, by_index)
+    order = squared.sort(dim=1, stable=True).indices[:, :k]
+    return squared.gather(1, order), indices.gather(1, order)
+
+
+def _exhaustive(query: torch.Tensor, references: torch.Tensor, k: int, own: int) -> tuple[torch.Tensor, ...]:
+    """One query against every reference, exactly in float64, in blocks; ``own >= 0`` is left out."""
+    rows = max(1, _BLOCK_ELEMENTS // references.shape[1])
+    parts = []
+    for start in range(0, references.shape[0], rows):
+        difference = references[start : start + rows].double() - query.double()
+        parts.append((difference * difference).sum(1))
+    squared = torch.cat(parts)
+    if own >= 0:
+        squared[own] = math.inf
+    order = squared.sort(stable=True).indices[:k]
+    return squared[order], order
+
+
+def _fit_whitening(raw: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening in float64 (as scikit-learn's ``PCA(whiten=True)``): (mean (D,), projection (D, n))."""
+    data = raw.double()
+    mean = data.mean(0)
+    centered = data - mean
+    covariance = centered.T @ centered / max(data.shape[0] - 1, 1)
+    variances, vectors = torch.linalg.eigh(covariance)
+    variances, vectors = variances.flip(0), vectors.flip(1)
+    tolerance = float(variances[0].clamp_min(0)) * max(data.shape) * torch.finfo(torch.float64).eps
+    rank = int((variances > tolerance).sum())
+    if rank < n_components:
+        raise ValueError(
+            f"n_components={n_components} exceeds the rank {rank} of the reference features "
+            "(constant or dependent features): lower n_components for preprocess='pca'"
+        )
+    return mean, vectors[:, :n_components] / variances[:n_components].sqrt()
+
+
+def _check_x(x: object, name: str, input_shape: tuple[int, ...] | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
+    if input_shape is not None and tuple(x.shape[1:]) != input_shape:
+        expected = ", ".join(map(str, input_shape))
+        raise ValueError(f"{name} must be shaped (N, {expected}) as in fit; got {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0; got {value!r}")

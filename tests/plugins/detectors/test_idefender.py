@@ -1,0 +1,296 @@
+"""I-defender (seeds/002, eqs. 4-5): torch log-likelihood vs scikit-learn, thresholds, digits FPR and AUC."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from art.attacks.evasion import FastGradientMethod
+from art.estimators.classification import PyTorchClassifier
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from xaiadv.plugins.detectors.idefender import COVARIANCE_TYPES, IDefender, gmm_log_likelihood
+
+KEEP = 0.95
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread():
+    # EM in 224 dimensions: with BLAS threads on a loaded 2-core box a fit takes ~10 s instead of ~0.7 s.
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def heldout(digits, digits_cnn) -> IDefender:
+    return IDefender(digits_cnn, keep=KEEP).fit(digits.x_train, digits.y_train)
+
+
+@pytest.fixture(scope="module")
+def train_calibrated(digits, digits_cnn) -> IDefender:
+    return IDefender(digits_cnn, keep=KEEP, calibration="train").fit(digits.x_train, digits.y_train)
+
+
+def _toy_mixture(covariance_type: str, rng: np.random.Generator) -> tuple[GaussianMixture, np.ndarray]:
+    centres = rng.normal(scale=4.0, size=(3, 4))
+    data = (
+        centres[:, None, :] + rng.normal(size=(3, 60, 4)) * rng.uniform(0.5, 2.0, size=(3, 1, 4))
+    ).reshape(-1, 4)
+    mixture = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(data)
+    return mixture, data
+
+
+# ------------------------------------------------------------------------------ the torch log-likelihood
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_torch_log_likelihood_equals_sklearn(covariance_type, rng):
+    mixture, data = _toy_mixture(covariance_type, rng)
+    points = np.concatenate([data[:50], rng.normal(scale=10.0, size=(20, 4))])  # on and far off the data
+    ours = gmm_log_likelihood(torch.tensor(points), mixture)
+    assert ours.dtype == torch.float64 and ours.shape == (70,)
+    np.testing.assert_allclose(ours.numpy(), mixture.score_samples(points), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_torch_log_likelihood_gradient(covariance_type, rng):
+    mixture, _ = _toy_mixture(covariance_type, rng)
+    h = torch.tensor(rng.normal(scale=3.0, size=(3, 4)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda value: gmm_log_likelihood(value, mixture), (h,))
+    gmm_log_likelihood(h, mixture).sum().backward()
+    assert h.grad is not None and bool(torch.all(h.grad != 0))
+
+
+def test_torch_log_likelihood_refuses_unfitted_mixture():
+    with pytest.raises(ValueError, match="fitted sklearn GaussianMixture"):
+        gmm_log_likelihood(torch.zeros(2, 3, dtype=torch.float64), GaussianMixture(2))
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+def test_train_thresholds_keep_the_share_per_class(train_calibrated, digits):
+    ll = train_calibrated.log_likelihood(digits.x_train)
+    own = ll[torch.arange(len(ll)), digits.y_train]
+    for label in range(10):
+        members = own[digits.y_train == label]
+        kept = int((members >= train_calibrated.thresholds_[label]).sum())
+        assert abs(kept - KEEP * len(members)) <= 1, (label, kept, len(members))
+
+
+def test_heldout_split_is_seeded_per_class_and_thresholds_keep_the_share_on_it(heldout, digits):
+    labels = digits.y_train.numpy()
+    fit_rows, calibration_rows = heldout._split(labels, 10)
+    assert np.intersect1d(fit_rows, calibration_rows).size == 0
+    assert np.array_equal(np.union1d(fit_rows, calibration_rows), np.arange(labels.size))
+    counts = np.bincount(labels, minlength=10)
+    assert np.array_equal(np.bincount(labels[calibration_rows], minlength=10), np.round(0.3 * counts))
+    other_seed = copy.copy(heldout)
+    other_seed.random_state = 1
+    assert not np.array_equal(other_seed._split(labels, 10)[1], calibration_rows)
+    assert np.array_equal(heldout._split(labels, 10)[1], calibration_rows)
+    own = heldout.log_likelihood(digits.x_train[calibration_rows])[
+        torch.arange(calibration_rows.size), digits.y_train[calibration_rows]
+    ]
+    for label in range(10):
+        members = own[digits.y_train[calibration_rows] == label]
+        kept = int((members >= heldout.thresholds_[label]).sum())
+        assert abs(kept - KEEP * len(members)) <= 1, (label, kept, len(members))
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.99])
+def test_calibrate_keeps_the_share_per_predicted_class(digits, digits_cnn, keep):
+    detector = IDefender(digits_cnn, n_components=1, reg_covar=1e-2).fit(digits.x_train, digits.y_train)
+    detector.calibrate(digits.x_test, keep=keep)
+    assert detector.keep_ == keep and detector.keep == 0.95
+    flagged = detector.detect(digits.x_test)
+    with torch.no_grad():
+        predicted = digits_cnn(digits.x_test).argmax(1)
+    for label in range(10):
+        members = predicted == label
+        kept = int((~flagged[members]).sum())
+        assert abs(kept - keep * int(members.sum())) <= 1, (label, kept, int(members.sum()))
+
+
+def test_clean_false_positive_rate_on_unseen_data(heldout, train_calibrated, digits):
+    # Measured (digits CNN, defaults: n_components=5, reg_covar=1e-2, full, share 0.3, keep=0.95) on the
+    # 497 test images: "heldout" 0.042 (0.042 .. 0.064 over 5 split seeds), "train" 1.000 (the paper's
+    # training-set quantiles: the full-covariance mixtures over-fit, every test image falls below them).
+    fpr_heldout = heldout.detect(digits.x_test).double().mean().item()
+    fpr_train = train_calibrated.detect(digits.x_test).double().mean().item()
+    assert abs(fpr_heldout - (1 - KEEP)) <= 0.03, fpr_heldout
+    assert fpr_train > fpr_heldout + 0.5, (fpr_train, fpr_heldout)
+
+
+def test_roc_auc_against_fgsm(heldout, digits_cnn, digits_correct):
+    x, y = digits_correct
+    classifier = PyTorchClassifier(
+        digits_cnn, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 1.0)
+    )
+    x_adv = torch.tensor(FastGradientMethod(classifier, eps=0.15).generate(x.numpy()))
+    with torch.no_grad():
+        success = digits_cnn(x_adv).argmax(1) != y
+    assert int(success.sum()) >= 50  # measured 80 of 100
+    clean, adversarial = heldout.score(x).numpy(), heldout.score(x_adv[success]).numpy()
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+    auc = roc_auc_score(labels, np.r_[clean, adversarial])
+    assert auc > 0.96, auc  # measured 0.979 (eps 0.1: 0.972, eps 0.2: 0.983)
+
+
+# ------------------------------------------------------------------------------------ robustness, shape
+def _dead_unit_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        model[1].weight[2] = 0.0
+        model[1].bias[2] = -1.0  # unit 2 is dead after the ReLU
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_duplicate_points_and_dead_units_do_not_crash(generator):
+    model = _dead_unit_model()
+    x = torch.rand(60, 1, 2, 2, generator=generator, dtype=torch.float64)
+    x[:20] = x[0]  # class 0: twenty copies of one point
+    y = torch.arange(60) // 20
+    detector = IDefender(model, n_components=3, calibration="train").fit(x, y)
+    assert detector.kept_features_.tolist().count(False) >= 1 and not bool(detector.kept_features_[2])
+    assert detector.hidden(x).shape == (60, int(detector.kept_features_.sum()))
+    for covariance_type in COVARIANCE_TYPES:
+        scores = IDefender(model, n_components=3, covariance_type=covariance_type).fit(x, y).score(x)
+        assert bool(torch.isfinite(scores).all()), covariance_type
+    assert bool(torch.isfinite(detector.score(x)).all())
+
+
+def test_rebatching_and_shuffling_give_the_same_answers(heldout, digits):
+    x = digits.x_test[:120]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+    small = copy.copy(heldout)  # the same fitted detector, scoring in mini-batches of 7
+    small.batch_size = 7
+    scores = heldout.score(x)
+    torch.testing.assert_close(heldout.score(x[order]), scores[order], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(small.score(x), scores, rtol=1e-6, atol=1e-6)
+    assert torch.equal(small.detect(x[order]), heldout.detect(x)[order])
+
+
+def test_shapes_empty_batch_and_batch_of_one(heldout, digits):
+    d = int(heldout.kept_features_.sum())
+    empty = digits.x_test[:0]
+    assert heldout.score(empty).shape == (0,) and heldout.detect(empty).dtype == torch.bool
+    assert heldout.log_likelihood(empty).shape == (0, 10) and heldout.hidden(empty).shape == (0, d)
+    one = digits.x_test[:1]
+    assert heldout.hidden(one).shape == (1, d) and heldout.hidden(one).dtype == torch.float64
+    assert heldout.log_likelihood(one).shape == (1, 10)
+    torch.testing.assert_close(heldout.score(one), heldout.score(digits.x_test[:5])[:1], rtol=1e-6, atol=1e-6)
+    assert heldout.thresholds_.shape == (10,) and len(heldout.mixtures_) == heldout.n_classes_ == 10
+
+
+def test_score_is_minus_log_likelihood_of_the_predicted_class(heldout, digits, digits_cnn):
+    x = digits.x_test[:50]
+    with torch.no_grad():
+        predicted = digits_cnn(x).argmax(1)
+    ll = heldout.log_likelihood(x)
+    torch.testing.assert_close(heldout.score(x), -ll[torch.arange(50), predicted])
+    torch.testing.assert_close(
+        heldout.detect(x), ll[torch.arange(50), predicted] < heldout.thresholds_[predicted]
+    )
+
+
+def test_named_layer_output_and_preprocessing(digits, digits_cnn):
+    x, y = digits.x_train[:400], digits.y_train[:400]
+    named = IDefender(digits_cnn, layer="4", n_components=1, reg_covar=1e-2).fit(x, y)
+    assert named.hidden(x[:3]).shape[1] <= 16  # conv maps (N, 16, 4, 4) pooled over space
+    mean, std = 0.25, 2.0
+    raw = x * std + mean  # the model sees (raw - mean) / std == x
+    direct = IDefender(digits_cnn, n_components=1, reg_covar=1e-2).fit(x, y)
+    wrapped = IDefender(digits_cnn, n_components=1, reg_covar=1e-2, preprocessing=(mean, std)).fit(raw, y)
+    torch.testing.assert_close(wrapped.score(raw[:40]), direct.score(x[:40]), rtol=1e-5, atol=1e-4)
+
+
+def test_labels_one_hot_equal_index(digits, digits_cnn):
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    index = IDefender(digits_cnn, n_components=1, reg_covar=1e-2).fit(x, y)
+    one_hot = IDefender(digits_cnn, n_components=1, reg_covar=1e-2).fit(
+        x, nn.functional.one_hot(y, 10).numpy()
+    )
+    assert torch.equal(index.thresholds_, one_hot.thresholds_)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep": 0.0}, "keep must be a number in \\(0, 1\\)"),
+        ({"keep": 1.0}, "keep must be"),
+        ({"keep": True}, "keep must be"),
+        ({"covariance_type": "bogus"}, "covariance_type must be one of full, tied, diag, spherical"),
+        ({"calibration": "bogus"}, "calibration must be one of heldout, train"),
+        ({"n_components": 0}, "n_components must be an int > 0"),
+        ({"reg_covar": 0.0}, "reg_covar must be"),
+        ({"calibration_share": 1.0}, "calibration_share must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"layer": "nope"}, "not in the model; its layers are"),
+        ({"preprocessing": (0.5,)}, "preprocessing must be None or a pair"),
+    ],
+)
+def test_bad_configuration(digits_cnn, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IDefender(digits_cnn, **kwargs)
+
+
+def test_bad_input_errors(heldout, digits, digits_cnn):
+    fresh = IDefender(digits_cnn)
+    for method in (fresh.score, fresh.detect, fresh.hidden, fresh.calibrate):
+        with pytest.raises(RuntimeError, match="not fitted"):
+            method(digits.x_test[:2])
+    nan = digits.x_test[:4].clone()
+    nan[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        heldout.score(nan)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fresh.fit(nan, digits.y_test[:4])
+    with pytest.raises(ValueError, match="x must be shaped"):
+        heldout.score(digits.x_test[:2, :, :4])
+    with pytest.raises(TypeError, match="floating-point"):
+        heldout.score(digits.x_test[:2].long())
+    with pytest.raises(ValueError, match="keep must be"):
+        heldout.calibrate(digits.x_test, keep=1.5)
+    with pytest.raises(ValueError, match="y must be 4 labels"):
+        fresh.fit(digits.x_test[:4], digits.y_test[:3])
+    with pytest.raises(ValueError, match="class indices in \\[0, 9\\]"):
+        fresh.fit(digits.x_test[:4], torch.tensor([0, 1, 2, 10]))
+    assert not hasattr(fresh, "mixtures_")
+
+
+def test_class_absent_or_too_small_is_named_before_fitting(digits, digits_cnn):
+    x, y = digits.x_train, digits.y_train
+    without_three = y != 3
+    with pytest.raises(ValueError, match="class 3 is absent"):
+        IDefender(digits_cnn).fit(x[without_three], y[without_three])
+    rows = torch.cat([torch.nonzero(y != 7)[:, 0], torch.nonzero(y == 7)[:4, 0]])
+    with pytest.raises(ValueError, match="class 7 has 4 fitting samples"):
+        IDefender(digits_cnn, calibration="train").fit(x[rows], y[rows])
+    rows = torch.cat([torch.nonzero(y != 7)[:, 0], torch.nonzero(y == 7)[:5, 0]])
+    # heldout: 2 of the 5 go to calibration
+    with pytest.raises(ValueError, match="class 7 has 3 fitting samples \\(5 given"):
+        IDefender(digits_cnn).fit(x[rows], y[rows])
+
+
+def test_model_mode_hooks_and_inputs_untouched(tiny_model, assert_no_hooks, generator, digits, heldout):
+    model = tiny_model("mlp_dropout", classes=3).train()
+    x = torch.rand(60, 1, 8, 8, generator=generator)
+    y = torch.arange(60) % 3
+    before = x.clone()
+    detector = IDefender(model, n_components=2).fit(x, y)
+    detector.score(x)
+    assert torch.equal(x, before)
+    assert all(module.training for module in model.modules())
+    assert_no_hooks(model)
+    with pytest.raises(RuntimeError):  # the model itself fails inside the hooks' context
+        IDefender(model).fit(torch.rand(10, 1, 7, 7, generator=generator), torch.zeros(10))
+    assert all(module.training for module in model.modules())
+    assert_no_hooks(model)
+    test_before = digits.x_test[:30].clone()
+    heldout.detect(digits.x_test[:30])
+    assert torch.equal(digits.x_test[:30], test_before)
