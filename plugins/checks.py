@@ -15,22 +15,32 @@ def check_inputs(x: object, bounds: tuple[float, float], *, name: str = "x") -> 
     non-floating tensor is refused rather than silently cast.
     """
     low, high = check_bounds(bounds)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
+    x = check_batch(x, name=name)
     if x.numel() == 0:
         return x
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
     tolerance = 1e-6 * (high - low)
     x_min, x_max = float(x.min()), float(x.max())
     if x_min < low - tolerance or x_max > high + tolerance:
         raise ValueError(
             f"{name} has values in [{x_min:.6g}, {x_max:.6g}], outside the bounds [{low}, {high}]"
         )
+    return x
+
+
+def check_batch(x: object, *, name: str = "x", input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``x`` after checking it is a finite floating-point batch (N, ...), shaped like ``input_shape``
+    per sample when given (the shape a detector was fitted on)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        expected = ", ".join(map(str, input_shape))
+        raise ValueError(f"{name} must be shaped (N, {expected}) as in fit; got {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
     return x
 
 

@@ -22,6 +22,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from ..checks import check_batch
 from ..features import FeatureExtractor, check_layers, last_layer_of_type
 from ..relevance import Relevance
 
@@ -240,16 +241,11 @@ class SpatialEntropy:
         return range(0, x.shape[0], self.batch_size)
 
     def _check_x(self, x: object) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor; got dtype {x.dtype}")
+        x = check_batch(x)
         if x.dim() != 4:
             raise ValueError(f"x must be an image batch shaped (N, C, H, W); got shape {tuple(x.shape)}")
         if x.shape[2] < self.patch or x.shape[3] < self.patch:
             raise ValueError(
                 f"x images of size {x.shape[2]}x{x.shape[3]} are smaller than the patch ({self.patch})"
             )
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or Inf values")
         return x

@@ -35,7 +35,7 @@ from sklearn.mixture import GaussianMixture
 from torch import nn
 
 from ..calibration import per_class_thresholds
-from ..checks import check_labels
+from ..checks import check_batch, check_labels
 from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
 from ..relevance import as_preprocessing
 
@@ -178,7 +178,7 @@ class IDefender:
         ``x``: (N, ...) raw inputs; ``y``: (N,), (N, 1) or one-hot labels. A class absent from ``x``, or with
         fewer fitting samples than ``n_components``, raises naming the class before any mixture is fitted.
         """
-        x = _check_x(x)
+        x = check_batch(x)
         if x.shape[0] == 0:
             raise ValueError("x is empty; fit needs clean samples of every class")
         norm = as_preprocessing(self.preprocessing, x)
@@ -302,7 +302,7 @@ class IDefender:
 
     def _hidden_and_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
-        x = _check_x(x)
+        x = check_batch(x)
         if tuple(x.shape[1:]) != self.input_shape_:
             raise ValueError(
                 f"x must be shaped (N, {', '.join(map(str, self.input_shape_))}); got {tuple(x.shape)}"
@@ -333,18 +333,6 @@ class IDefender:
     def _check_fitted(self) -> None:
         if not hasattr(self, "mixtures_"):
             raise RuntimeError("this IDefender is not fitted yet; call fit(x, y) first")
-
-
-def _check_x(x: object, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
-    return x
 
 
 def _check_keep(keep: object) -> float:

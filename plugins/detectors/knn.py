@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checks import check_labels
+from ..checks import check_batch, check_labels
 from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
 from ..relevance import as_preprocessing
 
@@ -107,7 +107,7 @@ class KNNScore:
         ``reference_features_`` (N, D) float32 after preprocess, ``reference_labels_`` (N,), and for PCA
         ``pca_mean_`` (D,) and ``pca_projection_`` (D, n_components) in float64.
         """
-        _check_x(x, "x")
+        check_batch(x)
         n = x.shape[0]
         if n < self.k:
             raise ValueError(f"x has {n} samples but k={self.k}: kNN needs at least k reference samples")
@@ -136,7 +136,7 @@ class KNNScore:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) pooled deep features of raw ``x`` after preprocess, float32 on x's device."""
         self._check_fitted()
-        _check_x(x, "x", self.input_shape_)
+        check_batch(x, input_shape=self.input_shape_)
         return self._transform(self._forward(x)[1])
 
     def neighbours(
@@ -155,13 +155,13 @@ class KNNScore:
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, n_classes) eq. 2 score of every class among the k nearest references of raw ``x``."""
         self._check_fitted()
-        _check_x(x, "x", self.input_shape_)
+        check_batch(x, input_shape=self.input_shape_)
         return self._class_scores(self._transform(self._forward(x)[1]))
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) ``1 - s(x, f(x))``: one minus the kNN score of the predicted class; higher = adversarial."""
         self._check_fitted()
-        _check_x(x, "x", self.input_shape_)
+        check_batch(x, input_shape=self.input_shape_)
         logits, raw = self._forward(x)
         scores = self._class_scores(self._transform(raw))
         return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0]
@@ -336,20 +336,6 @@ def _fit_whitening(raw: torch.Tensor, n_components: int) -> tuple[torch.Tensor, 
             "(constant or dependent features): lower n_components for preprocess='pca'"
         )
     return mean, vectors[:, :n_components] / variances[:n_components].sqrt()
-
-
-def _check_x(x: object, name: str, input_shape: tuple[int, ...] | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be a batch shaped (N, ...) with N first; got shape {tuple(x.shape)}")
-    if input_shape is not None and tuple(x.shape[1:]) != input_shape:
-        expected = ", ".join(map(str, input_shape))
-        raise ValueError(f"{name} must be shaped (N, {expected}) as in fit; got {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _check_positive_int(name: str, value: object) -> None:
