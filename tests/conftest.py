@@ -226,3 +226,22 @@ def digits_correct(digits: Digits, digits_cnn: nn.Module) -> tuple[torch.Tensor,
     with torch.no_grad():
         correct = digits_cnn(digits.x_test).argmax(1) == digits.y_test
     return digits.x_test[correct][:100], digits.y_test[correct][:100]
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts its forward calls (no hooks, so it cannot disturb the hook checks)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.fixture(scope="session")
+def counting_model() -> type[CountingModel]:
+    """``counting_model(model)`` counts forward calls: proves an error came before any work."""
+    return CountingModel

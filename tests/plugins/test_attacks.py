@@ -438,24 +438,13 @@ def test_targeted_lrp_grad_reaches_targets(
     assert reached.float().mean().item() >= 0.95
 
 
-class CountingModel(nn.Module):
-    """Wraps a model and counts its forward calls (no hooks, so it cannot disturb the hook checks)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
-
-
 @pytest.mark.parametrize("name", ["flip", "mean"])
 def test_untargeted_only_patterns_refuse_targeted_before_any_work(
-    name: str, tiny_model: Callable[..., nn.Module]
+    name: str,
+    tiny_model: Callable[..., nn.Module],
+    counting_model: type[nn.Module],
 ) -> None:
-    model = CountingModel(tiny_model("cnn"))
+    model = counting_model(tiny_model("cnn"))
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
     with pytest.raises(ValueError, match=f"{name} attack cannot honour a target"):
         ATTACKS[name](model, x, y, targeted=True)

@@ -27,19 +27,6 @@ ATTACKS: dict[str, Callable[..., AttackResult]] = {
 QUICK = {"max_iter": 3}
 
 
-class CountingModel(nn.Module):
-    """Wraps a model and counts forward calls, to prove an error came before any work."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
-
-
 def batch(n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -140,9 +127,13 @@ ALL_CASES = [param for name in ATTACKS for param in cases_for(name)]
 
 @pytest.mark.parametrize(("name", "case"), ALL_CASES)
 def test_bad_input_is_refused_cleanly(
-    name: str, case: BadInput, tiny_model: Factory, assert_no_hooks: Callable[[nn.Module], None]
+    name: str,
+    case: BadInput,
+    tiny_model: Factory,
+    assert_no_hooks: Callable[[nn.Module], None],
+    counting_model: type[nn.Module],
 ) -> None:
-    model = CountingModel(tiny_model("cnn_bn")).train()
+    model = counting_model(tiny_model("cnn_bn")).train()
     flags = training_flags(model)
     x = case.x(batch())
     x_before, y_before = snapshot(x), snapshot(case.y)
@@ -156,8 +147,10 @@ def test_bad_input_is_refused_cleanly(
 
 
 @pytest.mark.parametrize("name", ["grad", "grad_mean", "ifgsm_noise"])
-def test_targeted_without_labels_is_refused(name: str, tiny_model: Factory) -> None:
-    model = CountingModel(tiny_model("cnn"))
+def test_targeted_without_labels_is_refused(
+    name: str, tiny_model: Factory, counting_model: type[nn.Module]
+) -> None:
+    model = counting_model(tiny_model("cnn"))
     with pytest.raises(ValueError, match="targeted attacks need y"):
         ATTACKS[name](model, batch(), targeted=True)
     assert model.calls == 0

@@ -270,19 +270,6 @@ def test_detects_fgsm_on_digits(digits, digits_cnn, fgsm_examples, preprocess, w
 # bad input, invariants
 
 
-class CountingModel(nn.Module):
-    """The digits CNN behind a forward counter, to prove an error came before any work."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
-
-
 def with_nan(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     x[0, 0, 0, 0] = float("nan")
@@ -301,10 +288,12 @@ CONSTRUCTOR_ERRORS: dict[str, tuple[dict[str, object], str]] = {
 
 
 @pytest.mark.parametrize("case", list(CONSTRUCTOR_ERRORS))
-def test_bad_configuration_is_refused(digits_cnn: nn.Module, case: str) -> None:
+def test_bad_configuration_is_refused(
+    digits_cnn: nn.Module, case: str, counting_model: type[nn.Module]
+) -> None:
     params, message = CONSTRUCTOR_ERRORS[case]
     with pytest.raises(ValueError, match=message):
-        KNNScore(CountingModel(digits_cnn), **params)
+        KNNScore(counting_model(digits_cnn), **params)
 
 
 def test_default_layer_needs_a_conv() -> None:
@@ -322,10 +311,12 @@ FIT_ERRORS: dict[str, tuple[Callable, type[Exception], str]] = {
 
 
 @pytest.mark.parametrize("case", list(FIT_ERRORS))
-def test_bad_fit_input_is_refused_before_work(digits, digits_cnn: nn.Module, case: str) -> None:
+def test_bad_fit_input_is_refused_before_work(
+    digits, digits_cnn: nn.Module, case: str, counting_model: type[nn.Module]
+) -> None:
     make, error, message = FIT_ERRORS[case]
     x, y = make(digits.x_train[:60], digits.y_train[:60])
-    model = CountingModel(digits_cnn)
+    model = counting_model(digits_cnn)
     detector = KNNScore(model)
     x_before = x.clone()
     with pytest.raises(error, match=message):
@@ -344,8 +335,8 @@ def test_pca_components_are_checked(digits, digits_cnn: nn.Module) -> None:
         KNNScore(digits_cnn, preprocess="pca", n_components=2, k=2).fit(duplicated, y[:20])
 
 
-def test_bad_query_input_is_refused(digits, digits_cnn: nn.Module) -> None:
-    model = CountingModel(digits_cnn)
+def test_bad_query_input_is_refused(digits, digits_cnn: nn.Module, counting_model: type[nn.Module]) -> None:
+    model = counting_model(digits_cnn)
     detector = KNNScore(model, k=3)
     with pytest.raises(RuntimeError, match=r"not fitted yet: call fit\(x, y\) first"):
         detector.score(digits.x_test[:2])
