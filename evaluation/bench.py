@@ -4,7 +4,8 @@ Same model (the VGG-style 28x28 reference CNN, random weights: speed does not de
 random batch, early stop off, each attack through the adapter of the library it is compared with:
 ART's BasicIterativeMethod next to our ART adapters, torchattacks' BIM next to our torchattacks adapters.
 Ratios are to the IFGSM of the same library. Also: a relevance pass with Zennit's stock rules and with
-ours next to a gradient step, and batched relevance vs one image at a time, per image.
+ours next to a gradient step, batched relevance vs one image at a time, and the detectors' scoring speed
+next to a forward pass (or a gradient step) and their fitting time on 60,000 images.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiadv.plugins.detectors import IDefender, KNNScore, SpatialEntropy
 from xaiadv.plugins.relevance import Relevance
 
+from .data import DatasetNotFoundError, load_dataset
 from .models import reference_cnn
 
 STEP = 1.0 / 256.0
@@ -136,9 +139,88 @@ def rule_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
     return _relative("zennit", _interleaved_medians(runners, repeats), "s/batch")
 
 
-def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0) -> list[BenchRow]:
-    """Measure every row in this one run and return them; nothing is read from earlier runs."""
-    for name, value in (("batch_size", batch_size), ("iterations", iterations), ("repeats", repeats)):
+def _reference_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first n Fashion-MNIST training images when installed, else uniform noise with random labels."""
+    try:
+        data = load_dataset("fashion_mnist")
+    except DatasetNotFoundError:
+        x = torch.rand(n, 1, 28, 28, generator=generator)
+        return x, torch.randint(0, 10, (n,), generator=generator), "uniform noise"
+    count = min(n, len(data.x_train))
+    return torch.as_tensor(data.x_train[:count]), torch.as_tensor(data.y_train[:count]), "Fashion-MNIST"
+
+
+def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) -> list[BenchRow]:
+    """Images per second of each detector's ``score`` at batch 256 next to the classifier's forward pass
+    (kNN, I-defender) or a gradient step (spatial entropy), and fitting time on ``references`` images
+    next to one forward pass over them."""
+    generator = torch.Generator().manual_seed(seed)
+    x_ref, y_ref, source = _reference_data(references, generator)
+    batch = x_ref[:256] if len(x_ref) >= 256 else torch.rand(256, 1, 28, 28, generator=generator)
+    detectors = {
+        "KNNScore": KNNScore(model),
+        "IDefender": IDefender(model),
+        "SpatialEntropy": SpatialEntropy(model),
+    }
+
+    def forward_over(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            for start in range(0, len(x), 256):
+                model(x[start : start + 256])
+
+    fit_seconds = {f"forward pass over {len(x_ref)} {source} images": _timed(lambda: forward_over(x_ref))}
+    for name, detector in detectors.items():
+        fit_seconds[f"{name}.fit"] = _timed(lambda detector=detector: detector.fit(x_ref, y_ref))
+    batch_labels = (
+        y_ref[: len(batch)] if len(y_ref) >= len(batch) else torch.zeros(len(batch), dtype=torch.long)
+    )
+
+    def gradient_step() -> None:
+        z = batch.clone().requires_grad_(True)
+        torch.autograd.grad(nn.functional.cross_entropy(model(z), batch_labels, reduction="sum"), z)
+
+    forward_group = _interleaved_medians(
+        {
+            "forward pass": lambda: forward_over(batch),
+            f"KNNScore.score ({len(x_ref)} references)": lambda: detectors["KNNScore"].score(batch),
+            "IDefender.score": lambda: detectors["IDefender"].score(batch),
+        },
+        repeats,
+    )
+    gradient_group = _interleaved_medians(
+        {
+            "gradient step": gradient_step,
+            "SpatialEntropy.score": lambda: detectors["SpatialEntropy"].score(batch),
+        },
+        repeats,
+    )
+    return (
+        _relative("detector score", forward_group, "s/256 images")
+        + _relative("detector score (gradient)", gradient_group, "s/256 images")
+        + _relative("detector fit", fit_seconds, "s")
+    )
+
+
+def _timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def run_bench(
+    batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0, references: int = 60_000
+) -> list[BenchRow]:
+    """Measure every row in this one run and return them; nothing is read from earlier runs.
+
+    ``references``: images the detectors are fitted on (60,000, the Fashion-MNIST training set).
+    """
+    checked = (
+        ("batch_size", batch_size),
+        ("iterations", iterations),
+        ("repeats", repeats),
+        ("references", references),
+    )
+    for name, value in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be an int > 0; got {value!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -156,4 +238,9 @@ def run_bench(batch_size: int = 128, iterations: int = 10, repeats: int = 3, see
             run()
         seconds = {name: value / iterations for name, value in _interleaved_medians(runners, repeats).items()}
         rows += _relative(library, seconds, "s/iteration")
-    return rows + rule_rows(model, x, y, repeats) + relevance_rows(model, x, y, repeats)
+    return (
+        rows
+        + rule_rows(model, x, y, repeats)
+        + relevance_rows(model, x, y, repeats)
+        + detector_rows(model, references, repeats, seed)
+    )

@@ -93,7 +93,12 @@ def _train(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    rows = run_bench(batch_size=args.batch_size, iterations=args.iterations, repeats=args.repeats)
+    rows = run_bench(
+        batch_size=args.batch_size,
+        iterations=args.iterations,
+        repeats=args.repeats,
+        references=args.references,
+    )
     print(
         f"batch {args.batch_size}, {args.iterations} iterations, early stop off, "
         f"median of {args.repeats} interleaved runs\n"
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--iterations", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--references", type=int, default=60_000, help="images the detectors are fitted on")
     bench.set_defaults(run=_bench)
     return parser
 

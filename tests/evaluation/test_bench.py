@@ -23,13 +23,35 @@ EXPECTED = {
         "relevance pass, xaiadv fast rules",
     ],
     "xaiadv": ["relevance, one image at a time", "relevance, batched"],
+    "detector score": ["forward pass", "KNNScore.score (300 references)", "IDefender.score"],
+    "detector score (gradient)": ["gradient step", "SpatialEntropy.score"],
+    "detector fit": [
+        "forward pass over 300 uniform noise images",
+        "KNNScore.fit",
+        "IDefender.fit",
+        "SpatialEntropy.fit",
+    ],
 }
-UNITS = {"art": "s/iteration", "torchattacks": "s/iteration", "zennit": "s/batch", "xaiadv": "s/image"}
+UNITS = {
+    "art": "s/iteration",
+    "torchattacks": "s/iteration",
+    "zennit": "s/batch",
+    "xaiadv": "s/image",
+    "detector score": "s/256 images",
+    "detector score (gradient)": "s/256 images",
+    "detector fit": "s",
+}
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[BenchRow]:
-    return run_bench(batch_size=4, iterations=1, repeats=1)
+    with pytest.MonkeyPatch.context() as patch:  # no Fashion-MNIST: the detectors fit on noise
+        patch.setattr(bench, "load_dataset", _missing)
+        return run_bench(batch_size=4, iterations=1, repeats=1, references=300)
+
+
+def _missing(name: str) -> None:
+    raise bench.DatasetNotFoundError(name)
 
 
 def test_rows_per_library_in_order(rows: list[BenchRow]) -> None:
@@ -69,6 +91,8 @@ def test_rows_are_frozen_values(rows: list[BenchRow]) -> None:
         ({"repeats": True}, "repeats", "True"),
         ({"iterations": 2.0}, "iterations", "2.0"),
         ({"repeats": "3"}, "repeats", "'3'"),
+        ({"references": 0}, "references", "0"),
+        ({"references": True}, "references", "True"),
     ],
 )
 def test_invalid_arguments_raise_before_any_work(

@@ -178,18 +178,19 @@ def test_errors_become_exit_code_2(
 def test_bench_prints_the_rows_of_run_bench(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[tuple[int, int, int]] = []
+    calls: list[tuple[int, int, int, int]] = []
 
-    def fake_run_bench(batch_size: int, iterations: int, repeats: int) -> list[BenchRow]:
-        calls.append((batch_size, iterations, repeats))
+    def fake_run_bench(batch_size: int, iterations: int, repeats: int, references: int) -> list[BenchRow]:
+        calls.append((batch_size, iterations, repeats, references))
         return [
             BenchRow("art", "IFGSM", 0.0123456, "IFGSM", 1.0, "s/iteration"),
             BenchRow("art", "LRPGrad", 0.5, "IFGSM", 40.5, "s/iteration"),
         ]
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
-    assert main(["bench", "--batch-size", "4", "--iterations", "2", "--repeats", "1"]) == 0
-    assert calls == [(4, 2, 1)]
+    argv = ["bench", "--batch-size", "4", "--iterations", "2", "--repeats", "1", "--references", "500"]
+    assert main(argv) == 0
+    assert calls == [(4, 2, 1, 500)]
     out = capsys.readouterr().out
     assert out.startswith("batch 4, 2 iterations, early stop off, median of 1 interleaved runs\n")
     assert _table_rows(out)[2:] == [
