@@ -192,3 +192,9 @@ class LRPGradMean(_ARTLRPAttack):
 
     pattern = ATTACK_CLASSES["LRPGradMean"]
     attack_params = _params(pattern)
+
+
+# The ART detectors live in their own module; users import them from here, as the design names them.
+from .art_detectors import IDefender, KNNDetector, SpatialEntropyDetector  # noqa: E402
+
+__all__ += ["IDefender", "KNNDetector", "SpatialEntropyDetector"]

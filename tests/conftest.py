@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 # Tiny models: starting threads costs more than it saves, and a loaded 2-core box makes it much worse.
+# The same for BLAS (scikit-learn's Gaussian mixtures): one thread for the whole session.
 torch.set_num_threads(1)
+_ONE_BLAS_THREAD = threadpool_limits(limits=1)
 
 
 class FunctionalReLUNet(nn.Module):
