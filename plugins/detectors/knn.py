@@ -278,12 +278,46 @@ class KNNScore:
             unsure = candidate_values.max(1).values - rounding <= squared[:, -1]
             if n_candidates == n_references:
                 unsure[:] = False
-            for row in unsure.nonzero()[:, 0].tolist():  # rare: near ties at the k-th neighbour
-                own = start + row if exclude_self else -1
-                squared[row], indices[row] = _exhaustive(query[row], references, k, own)
+            if bool(unsure.any()):  # near ties at the k-th neighbour: the same search in float64, batched
+                unsure_rows = unsure.nonzero()[:, 0]
+                own = start + unsure_rows if exclude_self else None
+                squared[unsure_rows], indices[unsure_rows], still = _float64_search(
+                    query[unsure_rows], references, k, n_candidates, own
+                )
+                for row in unsure_rows[still].tolist():  # exact ties beyond the candidates: rare
+                    own_index = start + row if exclude_self else -1
+                    squared[row], indices[row] = _exhaustive(query[row], references, k, own_index)
             out_squared[start : start + query.shape[0]] = squared
             out_indices[start : start + query.shape[0]] = indices
         return out_squared, out_indices
+
+
+def _float64_search(
+    query: torch.Tensor, references: torch.Tensor, k: int, n_candidates: int, own: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidate search again in float64 for a few rows: (squared, indices, still unsure).
+
+    Float64 rounding (about 1e-16 of the squared norms) leaves a row unsure only when references tie
+    exactly with the k-th neighbour beyond the candidate set; those rows go to :func:`_exhaustive`.
+    """
+    query64, references64 = query.double(), references.double()
+    squares = (references64 * references64).sum(1)
+    query_squares = (query64 * query64).sum(1)
+    approximate = (query64 @ references64.T).mul_(-2).add_(squares).add_(query_squares[:, None])
+    rows = torch.arange(query.shape[0], device=query.device)
+    if own is not None:
+        approximate[rows, own] = math.inf
+    candidate_values, candidates = approximate.topk(n_candidates, dim=1, largest=False, sorted=False)
+    exact = _exact_squared(query, references, candidates)
+    if own is not None:
+        exact[candidates == own[:, None]] = math.inf
+    squared, indices = _k_smallest(exact, candidates, k)
+    bound = (2 * references.shape[1] + 8) * torch.finfo(torch.float64).eps
+    rounding = bound * (query_squares.sqrt() + float(squares.max().sqrt())) ** 2
+    still = candidate_values.max(1).values - rounding <= squared[:, -1]
+    if n_candidates == references.shape[0]:
+        still[:] = False
+    return squared, indices, still
 
 
 def _exact_squared(query: torch.Tensor, references: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
