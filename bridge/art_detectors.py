@@ -11,13 +11,11 @@ safetensors + a JSON manifest, never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,8 +37,9 @@ from xaiadv.plugins.checks import check_labels  # noqa: E402
 from xaiadv.plugins.detectors.idefender import _mixture_tensors  # noqa: E402
 from xaiadv.plugins.modes import eval_mode  # noqa: E402
 from xaiadv.plugins.relevance import as_preprocessing  # noqa: E402
+from xaiadv.plugins.storage import atomic_write  # noqa: E402
 
-from .art import classifier_preprocessing  # noqa: E402
+from ._art_classifier import classifier_preprocessing  # noqa: E402
 
 __all__ = ["IDefender", "KNNDetector", "SpatialEntropyDetector"]
 
@@ -58,20 +57,6 @@ def classifier_hash(classifier: PyTorchClassifier) -> str:
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
@@ -308,8 +293,8 @@ class _ARTDetector(EvasionDetector):
             "tensors_file": tensors_path.name,
             "tensors_sha256": hashlib.sha256(data).hexdigest(),
         }
-        _atomic_write(tensors_path, data)
-        _atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write(tensors_path, data)
+        atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], classifier: PyTorchClassifier) -> _ARTDetector:

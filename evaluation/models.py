@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xaiadv.evaluation.data import DATASETS, Dataset, load_dataset
+from xaiadv.plugins.storage import atomic_write
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -336,8 +336,8 @@ def save_model(
         "weights_file": weights.name,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    _atomic_write(weights, blob)
-    _atomic_write(_manifest_path(stem), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(weights, blob)
+    atomic_write(_manifest_path(stem), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     logger.info("saved model to %s", weights)
     return weights
 
@@ -370,21 +370,6 @@ def _check_architecture(
             f"{where}: not a reference_cnn({shape}, {num_classes}, width={width}): "
             f"parameter shapes {actual} differ from {expected}"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is readable like any other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_model(path_stem: Path) -> TrainedModel:
