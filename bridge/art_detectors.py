@@ -521,9 +521,7 @@ class IDefender(_ARTDetector):
         return -plugin.thresholds_.cpu().numpy().astype(np.float64)  # in score units: -log-likelihood
 
     def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The plugin's scoring pieces, so one forward pass gives both the score and the predicted class.
-        hidden, prediction = self.plugin_._hidden_and_prediction(x)
-        return -self.plugin_._class_log_likelihood(hidden, prediction), prediction
+        return self.plugin_.score_and_prediction(x)
 
     def _thresholds(self, prediction: torch.Tensor | None) -> Any:
         return self.threshold_[prediction.cpu().numpy()]

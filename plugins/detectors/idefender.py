@@ -257,8 +257,13 @@ class IDefender:
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(h(x) | predicted class): (N,) float64, higher meaning more likely adversarial."""
+        return self.score_and_prediction(x)[0]
+
+    def score_and_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (N,), predicted class (N,)) from one forward pass: callers with per-class thresholds
+        need both."""
         h, prediction = self._hidden_and_prediction(x)
-        return -self._class_log_likelihood(h, prediction)
+        return -self._class_log_likelihood(h, prediction), prediction
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 5: (N,) bool, True where the predicted class's log-likelihood is below its threshold."""

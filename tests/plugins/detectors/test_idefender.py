@@ -195,6 +195,9 @@ def test_score_is_minus_log_likelihood_of_the_predicted_class(heldout, digits, d
     torch.testing.assert_close(
         heldout.detect(x), ll[torch.arange(50), predicted] < heldout.thresholds_[predicted]
     )
+    score, prediction = heldout.score_and_prediction(x)
+    torch.testing.assert_close(score, heldout.score(x))
+    assert torch.equal(prediction, predicted)
 
 
 def test_named_layer_output_and_preprocessing(digits, digits_cnn):
