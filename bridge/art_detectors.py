@@ -11,6 +11,7 @@ safetensors + a JSON manifest, never pickle.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -354,14 +355,17 @@ class _ARTDetector(EvasionDetector):
             raise ValueError(f"{tensors_path} could not be restored ({error}): {_REFIT}") from None
         return detector
 
+    @abc.abstractmethod
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        raise NotImplementedError
+        """Each detector class defines it."""
 
+    @abc.abstractmethod
     def _restore(self, arrays: dict[str, np.ndarray], fitted: dict[str, Any], threshold: Any) -> None:
-        raise NotImplementedError
+        """Each detector class defines it."""
 
+    @abc.abstractmethod
     def _make_plugin(self, batch_size: int) -> Any:
-        raise NotImplementedError
+        """Each detector class defines it."""
 
     def _plugin_kwargs(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.plugin_params}

@@ -12,6 +12,7 @@ targeted), as the thesis's algorithms do (c_t = c_a). Distances are measured in 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -146,7 +147,7 @@ class StepState:
     generator: torch.Generator | None = None
 
 
-class Pattern:
+class Pattern(ABC):
     """An adversarial pattern: how x~ changes in one iteration (thesis eq. 2.31 and Algorithms 3-8).
 
     ``memory`` holds full-batch per-sample state (flip masks, momentum, channel means) across iterations;
@@ -161,8 +162,9 @@ class Pattern:
     def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
         return {}
 
+    @abstractmethod
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
-        raise NotImplementedError  # every concrete pattern overrides it
+        """x~ of the active samples after one step of this pattern."""
 
 
 def top_relevant(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ the stock rule in float64. Rule names and equations follow Zennit and the thesis
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,7 @@ class _RuleNode(torch.autograd.Function):
         return grad, None, None, None
 
 
-class FastRule(Hook):
+class FastRule(Hook, metaclass=ABCMeta):
     """A Zennit hook whose backward is :meth:`relevance`, computed in closed form from the layer's input.
 
     Unlike Zennit's hooks, which let autograd run the layer's own backward and then replace its result,
@@ -109,8 +110,9 @@ class FastRule(Hook):
             return output
         return _RuleNode.apply(x, [output.detach()], self, module)
 
+    @abstractmethod
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # every rule below overrides it
+        """R_in of the layer's input ``x`` given the relevance of its output (the rule's equation)."""
 
     def copy(self) -> FastRule:
         return type(self)(**self._params())
