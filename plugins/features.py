@@ -44,6 +44,12 @@ def last_layer_of_type(model: nn.Module, kind: type[nn.Module] | tuple[type[nn.M
     return names[-1]
 
 
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of the model's first floating parameter (``default`` when it has none): inputs are cast
+    to it before the forward pass."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
 def pooled(features: torch.Tensor) -> torch.Tensor:
     """Feature vectors (N, D): convolutional maps (N, C, H, W) globally average-pooled, others flattened."""
     if features.dim() == 4:

@@ -25,6 +25,7 @@ from zennit.core import Composite
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Activation, BatchNorm, Convolution
 
+from .features import model_dtype
 from .modes import eval_mode
 from .rules import FAST_COMPOSITES
 
@@ -246,10 +247,7 @@ class Relevance:
     @property
     def param_dtype(self) -> torch.dtype:
         """The model's floating dtype (float32 when it has no parameters)."""
-        for parameter in self.model.parameters():
-            if parameter.is_floating_point():
-                return parameter.dtype
-        return torch.float32
+        return model_dtype(self.model)
 
     @contextmanager
     def attached(self, like: torch.Tensor) -> Iterator[Relevance]:

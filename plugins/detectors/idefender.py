@@ -36,7 +36,7 @@ from torch import nn
 
 from ..calibration import per_class_thresholds
 from ..checks import check_batch, check_labels
-from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
+from ..features import FeatureExtractor, check_layers, last_layer_of_type, model_dtype, pooled
 from ..relevance import as_preprocessing
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -323,7 +323,7 @@ class IDefender:
     def _forward(self, x: torch.Tensor, norm: object) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states (N, D_all) float64, logits (N, K)) in one pass per mini-batch, without gradients."""
         (name,) = self._extractor.layers
-        dtype = _param_dtype(self.model)
+        dtype = model_dtype(self.model)
         hidden, logits = [], []
         with self._extractor.capturing() as captured, torch.no_grad():
             for start in range(0, x.shape[0], self.batch_size):
@@ -348,10 +348,3 @@ def _check_keep(keep: object) -> float:
 
 def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32

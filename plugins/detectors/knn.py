@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checks import check_batch, check_labels
-from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
+from ..features import FeatureExtractor, check_layers, last_layer_of_type, model_dtype, pooled
 from ..relevance import as_preprocessing
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
@@ -199,7 +199,7 @@ class KNNScore:
                 torch.empty(0, self.n_classes_, device=x.device),
                 torch.empty(0, self.raw_feature_dim_, device=x.device),
             )
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+        dtype = model_dtype(self.model, default=x.dtype)
         preprocessing = as_preprocessing(self.preprocessing, x)
         logits, features = [], []
         with FeatureExtractor(self.model, [self._layer]).capturing() as captured, torch.no_grad():
