@@ -30,14 +30,11 @@ from art.defences.detector.evasion import EvasionDetector  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 from safetensors.numpy import load as load_safetensors  # noqa: E402
 from safetensors.numpy import save as save_safetensors  # noqa: E402
-from sklearn.mixture import GaussianMixture  # noqa: E402
 
 from xaiadv.plugins import detectors as plugin_detectors  # noqa: E402
 from xaiadv.plugins.calibration import check_fpr, threshold_at_fpr  # noqa: E402
 from xaiadv.plugins.checks import check_labels  # noqa: E402
-from xaiadv.plugins.detectors.idefender import _mixture_tensors  # noqa: E402
 from xaiadv.plugins.modes import eval_mode  # noqa: E402
-from xaiadv.plugins.relevance import as_preprocessing  # noqa: E402
 from xaiadv.plugins.storage import atomic_write  # noqa: E402
 
 from ._art_classifier import classifier_preprocessing  # noqa: E402
@@ -417,8 +414,10 @@ class KNNDetector(_ARTDetector):
     class among the deep features of the fitting images; one global threshold at ``fpr``.
 
     Parameters: layer (default the last Conv2d), k, weighting ("uniform", "rank", "distance"), preprocess
-    (None, "l2", "pca"), n_components (PCA), chunk_size (search memory), fpr, calibration_share,
-    random_state. Saved state: reference features and labels, the PCA arrays, the threshold.
+    (None, "l2", "pca"), n_components (PCA), chunk_size (search memory), backend ("torch", or "faiss" for
+    large reference sets: ``pip install xaiadv[faiss]``; the same neighbours), fpr, calibration_share,
+    random_state. Saved state: reference features, labels and predicted classes, the PCA arrays, the
+    threshold.
     """
 
     plugin_params: ClassVar[dict[str, Any]] = {
@@ -428,6 +427,7 @@ class KNNDetector(_ARTDetector):
         "preprocess": "l2",
         "n_components": 256,
         "chunk_size": 2048,
+        "backend": "torch",
     }
     defence_params: ClassVar[list[str]] = _defence_params(plugin_params)
 
@@ -444,6 +444,7 @@ class KNNDetector(_ARTDetector):
         arrays = {
             "reference_features": plugin.reference_features_.cpu().numpy(),
             "reference_labels": plugin.reference_labels_.cpu().numpy().astype(np.int64),
+            "reference_predictions": plugin.reference_predictions_.cpu().numpy().astype(np.int64),
         }
         if plugin.preprocess == "pca":
             arrays["pca_mean"] = plugin.pca_mean_.cpu().numpy()
@@ -466,6 +467,7 @@ class KNNDetector(_ARTDetector):
             plugin.pca_mean_ = self._tensor(arrays["pca_mean"], torch.float64)
             plugin.pca_projection_ = self._tensor(arrays["pca_projection"], torch.float64)
         plugin.reference_labels_ = self._tensor(arrays["reference_labels"], torch.long)
+        plugin.reference_predictions_ = self._tensor(arrays["reference_predictions"], torch.long)
         plugin.reference_features_ = self._tensor(arrays["reference_features"], torch.float32)
         self.plugin_, self.threshold_ = plugin, float(threshold)
 
@@ -481,9 +483,9 @@ class IDefender(_ARTDetector):
     predicted-class threshold in score units (``-log-likelihood``).
 
     Parameters: layer (default: the input of the last Linear), n_components, covariance_type, reg_covar,
-    keep, fpr, calibration_share (default 0.3 here, see below), random_state. Saved state: every mixture's
-    weights_, means_, covariances_, precisions_cholesky_ (and converged_, n_iter_, lower_bound_),
-    kept_features_ and thresholds_.
+    keep, fpr, calibration_share (default 0.3 here, see below), random_state. Saved state: the plugin's
+    ``to_state()`` (every mixture's weights_, means_, covariances_, precisions_cholesky_, converged_,
+    n_iter_, lower_bound_; kept_features_ and thresholds_), restored by ``IDefender.from_state``.
     """
 
     plugin_params: ClassVar[dict[str, Any]] = {
@@ -531,74 +533,10 @@ class IDefender(_ARTDetector):
         return self.threshold_[prediction.cpu().numpy()]
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        plugin = self.plugin_
-        arrays = {
-            "kept_features": plugin.kept_features_.cpu().numpy().astype(bool),
-            "thresholds": plugin.thresholds_.cpu().numpy().astype(np.float64),
-        }
-        for label, mixture in enumerate(plugin.mixtures_):
-            for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
-                arrays[f"mixture.{label}.{name[:-1]}"] = np.asarray(getattr(mixture, name), dtype=np.float64)
-        fitted = {
-            "n_classes": plugin.n_classes_,
-            "input_shape": list(plugin.input_shape_),
-            "keep": plugin.keep_,
-            "mixtures": [
-                {
-                    "converged": bool(mixture.converged_),
-                    "n_iter": int(mixture.n_iter_),
-                    "lower_bound": float(mixture.lower_bound_),
-                }
-                for mixture in plugin.mixtures_
-            ],
-        }
-        return arrays, fitted
+        return self.plugin_.to_state()
 
     def _restore(self, arrays: dict[str, np.ndarray], fitted: dict[str, Any], threshold: Any) -> None:
-        plugin = self._make_plugin(batch_size=128)
-        mixtures = [
-            self._mixture({name: arrays[f"mixture.{label}.{name}"] for name in _MIXTURE_ARRAYS}, extra)
-            for label, extra in enumerate(fitted["mixtures"])
-        ]
-        plugin.mixtures_ = mixtures
-        plugin.kept_features_ = torch.as_tensor(np.array(arrays["kept_features"], dtype=bool))
-        plugin.n_classes_ = int(fitted["n_classes"])
-        plugin.input_shape_ = tuple(fitted["input_shape"])
-        plugin.keep_ = float(fitted["keep"])
-        plugin.thresholds_ = torch.as_tensor(np.array(arrays["thresholds"], dtype=np.float64))
-        # The plugin's private fitted state (it has no public restore): normalization and mixture tensors.
-        like = torch.zeros(1, *plugin.input_shape_)
-        plugin._norm = as_preprocessing(plugin.preprocessing, like)
-        plugin._params = [_mixture_tensors(mixture, torch.device("cpu")) for mixture in mixtures]
-        if len(mixtures) != plugin.n_classes_ or plugin.thresholds_.shape != (plugin.n_classes_,):
-            raise ValueError("the saved mixtures and thresholds do not match the number of classes")
-        self.plugin_, self.threshold_ = plugin, -plugin.thresholds_.numpy()
-
-    def _mixture(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> GaussianMixture:
-        """A fitted sklearn GaussianMixture rebuilt from its arrays (no pickle)."""
-        weights = np.array(arrays["weights"], dtype=np.float64)
-        mixture = GaussianMixture(
-            n_components=weights.size,
-            covariance_type=self.covariance_type,
-            reg_covar=self.reg_covar,
-            random_state=self.random_state,
+        plugin = plugin_detectors.IDefender.from_state(
+            self.classifier.model, arrays, fitted, preprocessing=self._preprocessing(), batch_size=128
         )
-        mixture.weights_ = weights
-        mixture.means_ = np.array(arrays["means"], dtype=np.float64)
-        mixture.covariances_ = np.array(arrays["covariances"], dtype=np.float64)
-        cholesky = np.array(arrays["precisions_cholesky"], dtype=np.float64)
-        mixture.precisions_cholesky_ = cholesky
-        if self.covariance_type == "full":
-            mixture.precisions_ = cholesky @ np.swapaxes(cholesky, -1, -2)
-        elif self.covariance_type == "tied":
-            mixture.precisions_ = cholesky @ cholesky.T
-        else:
-            mixture.precisions_ = cholesky**2
-        mixture.converged_ = bool(extra["converged"])
-        mixture.n_iter_ = int(extra["n_iter"])
-        mixture.lower_bound_ = float(extra["lower_bound"])
-        mixture.n_features_in_ = mixture.means_.shape[1]
-        return mixture
-
-
-_MIXTURE_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+        self.plugin_, self.threshold_ = plugin, -plugin.thresholds_.numpy()

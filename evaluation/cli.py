@@ -1,9 +1,11 @@
 """The ``xaiadv`` command line: it parses arguments, calls one typed library function, prints for people.
 
-xaiadv demo    the LRP attacks beside IFGSM on the reference model (Fashion-MNIST, else digits)
-xaiadv list    every attack of the four sources, one per line as source:Name
-xaiadv train   train (or load from the cache) a reference CNN and print its accuracy
-xaiadv bench   seconds per iteration of IFGSM and the LRP attacks, side by side
+xaiadv demo            the built-in evaluation (evaluation/demo.toml): attack and detector studies, a report
+xaiadv run CONFIG      run or resume the evaluation a TOML config describes
+xaiadv report RUN_DIR  re-render a run's report.md and figures from its saved results
+xaiadv list            every attack of the four sources, every detector and study, as source:Name
+xaiadv train           train (or load from the cache) a reference CNN and print its accuracy
+xaiadv bench           seconds per iteration of IFGSM and the LRP attacks, side by side
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .data import DATASETS
+
+if TYPE_CHECKING:
+    from .run import RunResult
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -35,47 +41,56 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.samples, dataset=args.dataset, progress=True)
-    if result.fell_back:
+    return _finish(run_demo(samples=args.samples, dataset=args.dataset, output=args.output, progress=True))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import run_evaluation
+
+    overrides = {key: value for key, value in (("output", args.output), ("device", args.device)) if value}
+    return _finish(run_evaluation(load_config(args.config, overrides=overrides), progress=True))
+
+
+def _finish(result: RunResult) -> int:
+    """Print the run's summary table, its warnings and the report's path."""
+    from .report import summary_table
+
+    data = result.results["data"]
+    if data["fell_back"]:
         print(
-            f"WARNING: {args.dataset} was not found (see the log above for where and how to get it); "
-            "this demo ran on scikit-learn's digits instead.",
+            f"WARNING: {result.results['config']['dataset']} was not found (the log above says where and "
+            f"how to get it); this run used {data['dataset']} instead.",
             file=sys.stderr,
         )
-    print(
-        f"\n{result.dataset}: reference CNN test accuracy {result.test_accuracy:.4f}; "
-        f"{result.n_samples} test images, {result.rows[0].n_correct} initially correct; "
-        "norms are medians over successful samples, in [0, 1] pixel units.\n"
-    )
-    header = ("attack", "registry name", "ASR", "n success", "L0", "L1", "L2", "Linf", "s/image")
-    print(
-        format_table(
-            header,
-            [
-                (
-                    row.label,
-                    row.name,
-                    row.asr,
-                    row.n_success,
-                    row.median_l0,
-                    row.median_l1,
-                    row.median_l2,
-                    row.median_linf,
-                    row.seconds_per_image,
-                )
-                for row in result.rows
-            ],
-        )
-    )
-    print(f"\ntotal {result.seconds:.1f} s")
+    print(f"\n{data['dataset']}: {data['n']} test images, {data['n_correct']} initially correct\n")
+    print(summary_table(result.results))
+    for warning in result.results.get("warnings", []):
+        print(f"warning: {warning}")
+    print(f"\nreport: {result.report}")
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
+def _report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    print(f"report: {render_report(args.run_dir)}")
+    return 0
+
+
+def listing(source: str | None = None) -> list[str]:
+    """Every attack of the four sources, then every detector and study, as ``source:Name``."""
     from xaiadv.bridge.registry import available_attacks
 
+    from .config import DETECTORS, STUDIES
+
+    names = available_attacks(source) + list(DETECTORS) + list(STUDIES)
+    return [name for name in names if source is None or name.startswith(f"{source}:")] if source else names
+
+
+def _list(args: argparse.Namespace) -> int:
     try:
-        print("\n".join(available_attacks(args.source)))
+        print("\n".join(listing(args.source)))
     except BrokenPipeError:  # `xaiadv list | head`: the reader left, which is fine
         sys.stderr.close()
     return 0
@@ -119,14 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="LRP attacks beside IFGSM on the reference model")
-    demo.add_argument("--samples", type=int, default=200, help="test images attacked (default 200)")
-    demo.add_argument("--dataset", choices=DATASETS, default="fashion_mnist")
+    demo = commands.add_parser("demo", help="the built-in evaluation run (evaluation/demo.toml)")
+    demo.add_argument("--samples", type=int, help="test images attacked (default: the config's 500)")
+    demo.add_argument("--dataset", choices=DATASETS, help="default: the config's fashion_mnist")
+    demo.add_argument("--output", help="run folder (default: the config's runs/demo)")
     demo.set_defaults(run=_demo)
 
-    listing = commands.add_parser("list", help="every attack as source:Name")
-    listing.add_argument("--source", choices=("xaiadv", "art", "foolbox", "torchattacks"))
-    listing.set_defaults(run=_list)
+    run = commands.add_parser("run", help="run (or resume) the evaluation a TOML config describes")
+    run.add_argument("config", help="a run config, e.g. a copy of evaluation/demo.toml")
+    run.add_argument("--output", help="run folder (overrides the config's output)")
+    run.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
+    run.set_defaults(run=_run)
+
+    report = commands.add_parser("report", help="re-render report.md and the figures of a run folder")
+    report.add_argument("run_dir", help="a run folder holding results.json")
+    report.set_defaults(run=_report)
+
+    names = commands.add_parser("list", help="every attack, detector and study as source:Name")
+    names.add_argument("--source", choices=("xaiadv", "art", "foolbox", "torchattacks"))
+    names.set_defaults(run=_list)
 
     train = commands.add_parser("train", help="train or load a reference CNN")
     train.add_argument("--dataset", choices=DATASETS, default="fashion_mnist")

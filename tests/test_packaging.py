@@ -42,6 +42,12 @@ def test_py_typed_is_shipped() -> None:
     assert "py.typed" in _setuptools()["package-data"]["xaiadv"]
 
 
+def test_the_demo_config_is_shipped_with_the_evaluation_package() -> None:
+    """`xaiadv demo` reads evaluation/demo.toml from the installed package, so it must be package data."""
+    assert (ROOT / "evaluation" / "demo.toml").is_file()
+    assert "*.toml" in _setuptools()["package-data"]["xaiadv.evaluation"]
+
+
 def test_layers_import_in_one_direction() -> None:
     """plugins never import bridge or evaluation; bridge never imports evaluation (DESIGN.md)."""
     forbidden = {

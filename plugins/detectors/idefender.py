@@ -23,11 +23,17 @@ upwards (2/27 = 7.4% with ~26 samples per class at share 0.2). The defaults (``c
 (eps=0.15) ROC AUC on the same model is 0.955 .. 0.982 (n_components=1 or 2 gives 0.99 there, where
 each class has only ~90 fitting samples in 224 dimensions). ``"train"`` is offered for reproducing the
 paper; ``calibrate(x_clean)`` re-sets the thresholds on any clean data.
+
+Detector-aware attacks need the gradient of eq. 4 with respect to the input: ``log_likelihood(x)`` (and
+``hidden``, ``score``) keep the graph back to ``x`` through the model when ``x`` requires grad.
+``to_state()`` / ``from_state(...)`` give the fitted detector as arrays plus a JSON-able dict (no pickle).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +48,24 @@ from ..relevance import as_preprocessing
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 CALIBRATIONS = ("heldout", "train")
 _LOG_2PI = math.log(2.0 * math.pi)
+#: Array name in :meth:`IDefender.to_state` -> the fitted sklearn GaussianMixture attribute it holds.
+_MIXTURE_ARRAYS = {
+    "weight": "weights_",
+    "mean": "means_",
+    "covariance": "covariances_",
+    "precisions_cholesky": "precisions_cholesky_",
+}
+#: Constructor arguments saved by :meth:`IDefender.to_state` (model, preprocessing, batch_size: the caller's).
+_CONFIG = (
+    "layer",
+    "n_components",
+    "covariance_type",
+    "reg_covar",
+    "keep",
+    "calibration",
+    "calibration_share",
+    "random_state",
+)
 
 
 def gmm_log_likelihood(h: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
@@ -178,7 +202,7 @@ class IDefender:
         ``x``: (N, ...) raw inputs; ``y``: (N,), (N, 1) or one-hot labels. A class absent from ``x``, or with
         fewer fitting samples than ``n_components``, raises naming the class before any mixture is fitted.
         """
-        x = check_batch(x)
+        x = check_batch(x).detach()
         if x.shape[0] == 0:
             raise ValueError("x is empty; fit needs clean samples of every class")
         norm = as_preprocessing(self.preprocessing, x)
@@ -247,7 +271,12 @@ class IDefender:
         return self._hidden_and_prediction(x)[0]
 
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(h(x) | class c) under each class's mixture (eq. 4): (N, n_classes) float64."""
+        """log p(h(x) | class c) under each class's mixture (eq. 4): (N, n_classes) float64 on x's device.
+
+        Column c equals ``mixtures_[c].score_samples(hidden(x))``. Differentiable: when ``x`` requires grad
+        (and grad mode is on) the result carries the graph back to ``x`` through the model (hooks removed
+        after), for detector-aware attacks; otherwise it is computed without one.
+        """
         h, _ = self._hidden_and_prediction(x)
         device = h.device
         columns = [
@@ -286,6 +315,95 @@ class IDefender:
         self._set_thresholds(self._class_log_likelihood(h, prediction), prediction, keep)
         return self
 
+    # -------------------------------------------------------------------------------------------- state
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The fitted detector as (arrays, JSON-able dict), saved without pickle; :meth:`from_state` inverts.
+
+        Arrays: ``kept_features`` (D_all,) bool, ``thresholds`` (n_classes,) float64 and per class c
+        ``mixture.c.weight``, ``.mean``, ``.covariance``, ``.precisions_cholesky`` (float64, as sklearn).
+        Dict: ``config`` (the constructor's arguments but model, preprocessing and batch_size), ``n_classes``,
+        ``input_shape``, ``keep`` (the share the thresholds keep) and per class ``mixtures``: ``converged``,
+        ``n_iter``, ``lower_bound``.
+        """
+        self._check_fitted()
+        arrays = {
+            "kept_features": self.kept_features_.cpu().numpy().astype(bool),
+            "thresholds": self.thresholds_.cpu().numpy().astype(np.float64),
+        }
+        for label, mixture in enumerate(self.mixtures_):
+            for name, attribute in _MIXTURE_ARRAYS.items():
+                arrays[f"mixture.{label}.{name}"] = np.array(getattr(mixture, attribute), dtype=np.float64)
+        state = {
+            "config": {name: getattr(self, name) for name in _CONFIG},
+            "n_classes": self.n_classes_,
+            "input_shape": list(self.input_shape_),
+            "keep": self.keep_,
+            "mixtures": [
+                {
+                    "converged": bool(mixture.converged_),
+                    "n_iter": int(mixture.n_iter_),
+                    "lower_bound": float(mixture.lower_bound_),
+                }
+                for mixture in self.mixtures_
+            ],
+        }
+        return arrays, state
+
+    @classmethod
+    def from_state(
+        cls,
+        model: nn.Module,
+        arrays: Mapping[str, np.ndarray],
+        state: Mapping[str, Any],
+        *,
+        preprocessing: object = None,
+        batch_size: int = 256,
+    ) -> IDefender:
+        """The fitted detector :meth:`to_state` gave, for ``model`` (the network it was fitted on).
+
+        ``preprocessing`` and ``batch_size`` are the caller's, as in the constructor (not part of the fit).
+        The arrays are checked against the configuration, and one sample through the model against the
+        number of classes and hidden features, before the sklearn mixtures are rebuilt (no pickle).
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("config"), Mapping):
+            raise ValueError("state must be the dict IDefender.to_state() returned (with a 'config' dict)")
+        detector = cls(model, **state["config"], preprocessing=preprocessing, batch_size=batch_size)
+        missing = sorted({"n_classes", "input_shape", "keep", "mixtures"} - set(state))
+        if missing:
+            raise ValueError(f"state lacks {missing}: not the dict IDefender.to_state() returned")
+        n_classes, extras = int(state["n_classes"]), state["mixtures"]
+        if len(extras) != n_classes:
+            raise ValueError(f"state describes {len(extras)} mixtures for {n_classes} classes")
+        kept = np.array(_array(arrays, "kept_features"))
+        thresholds = np.array(_array(arrays, "thresholds"), dtype=np.float64)
+        if kept.dtype != bool or kept.ndim != 1 or not kept.any() or thresholds.shape != (n_classes,):
+            raise ValueError(
+                f"kept_features must be a 1-D bool array with a True entry and thresholds shaped "
+                f"({n_classes},); got {kept.dtype} {kept.shape} and {thresholds.shape}"
+            )
+        input_shape = tuple(int(size) for size in state["input_shape"])
+        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+        probe = torch.zeros(1, *input_shape, device=device)
+        norm = as_preprocessing(preprocessing, probe)
+        hidden, logits = detector._forward(probe, norm)
+        if hidden.shape[1] != kept.size or logits.shape[1] != n_classes:
+            raise ValueError(
+                f"the state has {kept.size} hidden features and {n_classes} classes; the model gives "
+                f"{hidden.shape[1]} and {logits.shape[1]}: it was fitted on another model or layer"
+            )
+        detector.mixtures_ = [
+            _rebuilt_mixture(detector, arrays, label, extra, int(kept.sum()))
+            for label, extra in enumerate(extras)
+        ]
+        detector.kept_features_ = torch.as_tensor(kept)
+        detector.n_classes_ = n_classes
+        detector.input_shape_ = input_shape
+        detector.thresholds_ = torch.as_tensor(thresholds)
+        detector.keep_ = _check_keep(state["keep"])
+        detector._norm = norm
+        detector._params = [_mixture_tensors(mixture, torch.device("cpu")) for mixture in detector.mixtures_]
+        return detector
+
     # ---------------------------------------------------------------------------------------- internals
     def _set_thresholds(self, log_likelihood: torch.Tensor, classes: torch.Tensor, keep: float) -> None:
         # Scores are -log-likelihood; the shared calibration flags score > t at fpr = 1 - keep, i.e. ll < -t.
@@ -321,11 +439,14 @@ class IDefender:
         return hidden[:, self.kept_features_.to(x.device)], logits.argmax(1)
 
     def _forward(self, x: torch.Tensor, norm: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states (N, D_all) float64, logits (N, K)) in one pass per mini-batch, without gradients."""
+        """(hidden states (N, D_all) float64, logits (N, K)) in one pass per mini-batch; with a graph back
+        to ``x`` only when ``x`` requires grad and grad mode is on."""
         (name,) = self._extractor.layers
         dtype = model_dtype(self.model)
+        differentiable = torch.is_grad_enabled() and x.requires_grad
         hidden, logits = [], []
-        with self._extractor.capturing() as captured, torch.no_grad():
+        capturing = self._extractor.capturing(detach=not differentiable)
+        with capturing as captured, torch.set_grad_enabled(differentiable):
             for start in range(0, x.shape[0], self.batch_size):
                 batch = x[start : start + self.batch_size]
                 if norm is not None:
@@ -338,6 +459,50 @@ class IDefender:
     def _check_fitted(self) -> None:
         if not hasattr(self, "mixtures_"):
             raise RuntimeError("this IDefender is not fitted yet; call fit(x, y) first")
+
+
+def _array(arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in arrays:
+        raise ValueError(f"arrays lacks {name!r}: not the arrays IDefender.to_state() returned")
+    return arrays[name]
+
+
+def _rebuilt_mixture(
+    detector: IDefender,
+    arrays: Mapping[str, np.ndarray],
+    label: int,
+    extra: Mapping[str, Any],
+    n_features: int,
+) -> GaussianMixture:
+    """Class ``label``'s fitted sklearn GaussianMixture, from its arrays, after checking their shapes."""
+    k, d, kind = detector.n_components, n_features, detector.covariance_type
+    covariance_shape = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[kind]
+    shapes = {
+        "weight": (k,),
+        "mean": (k, d),
+        "covariance": covariance_shape,
+        "precisions_cholesky": covariance_shape,
+    }
+    mixture = GaussianMixture(
+        k, covariance_type=kind, reg_covar=detector.reg_covar, random_state=detector.random_state
+    )
+    for name, shape in shapes.items():
+        value = np.array(_array(arrays, f"mixture.{label}.{name}"), dtype=np.float64)
+        if value.shape != shape or not np.isfinite(value).all():
+            raise ValueError(f"mixture.{label}.{name} must be finite and shaped {shape}; got {value.shape}")
+        setattr(mixture, _MIXTURE_ARRAYS[name], value)
+    cholesky = mixture.precisions_cholesky_
+    if kind == "full":
+        mixture.precisions_ = cholesky @ np.swapaxes(cholesky, -1, -2)
+    elif kind == "tied":
+        mixture.precisions_ = cholesky @ cholesky.T
+    else:
+        mixture.precisions_ = cholesky**2
+    mixture.converged_ = bool(extra["converged"])
+    mixture.n_iter_ = int(extra["n_iter"])
+    mixture.lower_bound_ = float(extra["lower_bound"])
+    mixture.n_features_in_ = d
+    return mixture
 
 
 def _check_keep(keep: object) -> float:

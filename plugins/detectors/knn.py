@@ -7,16 +7,23 @@ Section 4, eq. 2: ``s(q, c) = sum_i w_i 1{c_i = c} / sum_i w_i`` over the k near
 of the query q, with ``w_i = 1`` (kNN), ``1/i`` (W-kNN) or ``1/d(q, x_i)^2`` (DW-kNN) (Table 1); the
 detector's score is ``1 - s(q, f(q))``, so that higher means more likely adversarial.
 
-Search is exact, in torch, chunked over queries: a float32 pass (``|q|^2 + |r|^2 - 2 q.r``) picks
-candidates, their distances are recomputed exactly in float64 from the differences (so an exact
-duplicate is at distance exactly 0), and rows where float32 rounding could have hidden a nearer or
-tied reference are re-searched exhaustively in float64. Ties go to the lower reference index.
+Search is exact, chunked over queries: a float32 pass (``|q|^2 + |r|^2 - 2 q.r``; torch, or faiss's
+``IndexFlatL2`` with ``backend="faiss"`` for large reference sets) picks candidates, their distances are
+recomputed exactly in float64 from the differences (so an exact duplicate is at distance exactly 0), and
+rows where float32 rounding could have hidden a nearer or tied reference are searched again in float64.
+Ties go to the lower reference index, so both backends give the same neighbours. The distance is always
+Euclidean (on ``l2``-normalized features it orders neighbours as cosine similarity does), hence the L2
+index for faiss.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
+from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,9 +34,12 @@ from ..relevance import as_preprocessing
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
 PREPROCESSES: tuple[str | None, ...] = (None, "l2", "pca")
+BACKENDS: tuple[str, ...] = ("torch", "faiss")
 
 _FLOAT32_EPS = 2.0**-23
 _BLOCK_ELEMENTS = 2**22  # float64 elements per block of exact recomputation (32 MiB)
+#: A candidate pass: (queries (n, D), m, own indices (n,) or None) -> (values (n, >=m), indices (n, >=m)).
+_Candidates = Callable[[torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 class KNNScore:
@@ -42,6 +52,8 @@ class KNNScore:
     ``weighting="distance"`` (DW-kNN, ``w_i = 1/d_i^2``) with an exact match (``d = 0``) among the k
     neighbours: the limit of eq. 2 as those distances go to 0, i.e. the zero-distance neighbours carry all
     the weight, shared equally. Memory of one search chunk: ``chunk_size * n_references`` float32 values.
+    ``backend="faiss"`` searches with faiss (``pip install xaiadv[faiss]``) on the CPU: the same neighbours.
+    ``score_references()`` scores the references themselves, each left out of its own neighbours.
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class KNNScore:
         n_components: int = 256,
         batch_size: int = 256,
         chunk_size: int = 2048,
+        backend: str = "torch",
         preprocessing: object = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -66,6 +79,10 @@ class KNNScore:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
         if preprocess not in PREPROCESSES:
             raise ValueError(f"preprocess must be one of {PREPROCESSES}; got {preprocess!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if backend == "faiss":
+            _faiss()  # missing faiss: the ImportError now, not at the first search
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"layer must be a layer name (str) or None; got {layer!r}")
         is_pair = isinstance(preprocessing, (tuple, list)) and len(preprocessing) == 2
@@ -87,13 +104,14 @@ class KNNScore:
         self.n_components = n_components
         self.batch_size = batch_size
         self.chunk_size = chunk_size
+        self.backend = backend
         self.preprocessing = preprocessing
         self._layer = resolved
 
     def __repr__(self) -> str:
         return (
             f"KNNScore(layer={self._layer!r}, k={self.k}, weighting={self.weighting!r}, "
-            f"preprocess={self.preprocess!r}, n_components={self.n_components})"
+            f"preprocess={self.preprocess!r}, n_components={self.n_components}, backend={self.backend!r})"
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -103,8 +121,8 @@ class KNNScore:
         """Extract and store the reference features of clean ``x`` (N, ...) with labels ``y`` (N,) or one-hot.
 
         Fitted attributes: ``layer_``, ``n_classes_`` (the model's output size), ``input_shape_``,
-        ``raw_feature_dim_`` (D before preprocess),
-        ``reference_features_`` (N, D) float32 after preprocess, ``reference_labels_`` (N,), and for PCA
+        ``raw_feature_dim_`` (D before preprocess), ``reference_features_`` (N, D) float32 after preprocess,
+        ``reference_labels_`` (N,), ``reference_predictions_`` (N,) the model's classes for x, and for PCA
         ``pca_mean_`` (D,) and ``pca_projection_`` (D, n_components) in float64.
         """
         check_batch(x)
@@ -119,7 +137,7 @@ class KNNScore:
                 f"n_components={self.n_components} must be <= min(number of samples, feature size) = "
                 f"min({n}, {dim}) for preprocess='pca'"
             )
-        _, raw = self._forward(x)
+        logits, raw = self._forward(x)
         self.layer_ = self._layer
         self.n_classes_ = n_classes
         self.input_shape_ = tuple(x.shape[1:])
@@ -127,6 +145,7 @@ class KNNScore:
         if self.preprocess == "pca":
             self.pca_mean_, self.pca_projection_ = _fit_whitening(raw, self.n_components)
         self.reference_labels_ = labels
+        self.reference_predictions_ = logits.argmax(1)
         self.reference_features_ = self._transform(raw)
         return self
 
@@ -165,6 +184,19 @@ class KNNScore:
         logits, raw = self._forward(x)
         scores = self._class_scores(self._transform(raw))
         return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0]
+
+    def score_references(self) -> torch.Tensor:
+        """(N,) leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the others (eq. 2).
+
+        Why: clean scores of the fitting data without held-out data; scored against a set holding itself,
+        a reference would always find itself at distance 0. Only the point itself is left out: an exact
+        duplicate of it is still a neighbour, at distance 0. Needs k <= N - 1; no forward pass.
+        """
+        self._check_fitted()
+        features = self._check_features(self.reference_features_, exclude_self=True)
+        scores = self._class_scores(features, exclude_self=True)
+        predictions = self.reference_predictions_.to(features.device)
+        return 1.0 - scores.gather(1, predictions[:, None])[:, 0]
 
     # ------------------------------------------------------------------------------------------------
     # internals
@@ -225,8 +257,8 @@ class KNNScore:
             return ((raw.double() - mean) @ projection).float()
         return raw
 
-    def _class_scores(self, features: torch.Tensor) -> torch.Tensor:
-        squared, indices = self._search(features, exclude_self=False)
+    def _class_scores(self, features: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        squared, indices = self._search(features, exclude_self)
         labels = self.reference_labels_.to(features.device)[indices]
         weights = self._weights(squared)
         scores = torch.zeros(features.shape[0], self.n_classes_, dtype=torch.float64, device=features.device)
@@ -257,32 +289,28 @@ class KNNScore:
         out_indices = torch.empty(n, k, dtype=torch.long, device=queries.device)
         if n == 0:
             return out_squared, out_indices
-        reference_squares = (references * references).sum(1)
-        largest_norm = float(reference_squares.max().sqrt())
+        largest_norm = float((references * references).sum(1).max().sqrt())
+        candidates_of = self._candidate_search(references)
         n_candidates = min(n_references, 2 * k + 16)
         for start in range(0, n, self.chunk_size):
             query = queries[start : start + self.chunk_size]
-            rows = torch.arange(query.shape[0], device=queries.device)
-            query_squares = (query * query).sum(1)
-            approximate = (query @ references.T).mul_(-2).add_(reference_squares).add_(query_squares[:, None])
-            if exclude_self:
-                approximate[rows, start + rows] = math.inf
-            candidate_values, candidates = approximate.topk(n_candidates, dim=1, largest=False, sorted=False)
-            del approximate
+            own = start + torch.arange(query.shape[0], device=queries.device) if exclude_self else None
+            candidate_values, candidates = candidates_of(query, n_candidates, own)
             exact = _exact_squared(query, references, candidates)
-            if exclude_self:
-                exact[candidates == (start + rows)[:, None]] = math.inf
+            if own is not None:
+                exact[candidates == own[:, None]] = math.inf
             squared, indices = _k_smallest(exact, candidates, k)
             # A reference outside the candidates is at least (largest candidate value - rounding bound) away.
-            rounding = (2 * dim + 8) * _FLOAT32_EPS * (query_squares.sqrt() + largest_norm) ** 2
+            query_norms = (query * query).sum(1).sqrt()
+            rounding = (2 * dim + 8) * _FLOAT32_EPS * (query_norms + largest_norm) ** 2
             unsure = candidate_values.max(1).values - rounding <= squared[:, -1]
-            if n_candidates == n_references:
+            if candidates.shape[1] == n_references:
                 unsure[:] = False
             if bool(unsure.any()):  # near ties at the k-th neighbour: the same search in float64, batched
                 unsure_rows = unsure.nonzero()[:, 0]
-                own = start + unsure_rows if exclude_self else None
+                unsure_own = None if own is None else own[unsure_rows]
                 squared[unsure_rows], indices[unsure_rows], still = _float64_search(
-                    query[unsure_rows], references, k, n_candidates, own
+                    query[unsure_rows], references, k, n_candidates, unsure_own
                 )
                 for row in unsure_rows[still].tolist():  # exact ties beyond the candidates: rare
                     own_index = start + row if exclude_self else -1
@@ -290,6 +318,39 @@ class KNNScore:
             out_squared[start : start + query.shape[0]] = squared
             out_indices[start : start + query.shape[0]] = indices
         return out_squared, out_indices
+
+    def _candidate_search(self, references: torch.Tensor) -> _Candidates:
+        """The backend's float32 candidate pass over ``references``: (query, m, own) -> (values, indices).
+
+        At least the m references of smallest approximate squared distance (``own`` left out or included),
+        with those distances; float32 rounding is accounted for by the caller.
+        """
+        if self.backend == "faiss":
+            index = _faiss().IndexFlatL2(references.shape[1])
+            index.add(np.ascontiguousarray(references.detach().cpu().numpy(), dtype=np.float32))
+
+            def faiss_candidates(
+                query: torch.Tensor, m: int, own: torch.Tensor | None
+            ) -> tuple[torch.Tensor, ...]:
+                # one more when leaving ``own`` out: it may be among them (the caller drops it)
+                m = min(references.shape[0], m + (own is not None))
+                values, indices = index.search(np.ascontiguousarray(query.detach().cpu().numpy()), m)
+                return torch.from_numpy(values).to(query.device), torch.from_numpy(indices).to(query.device)
+
+            return faiss_candidates
+        reference_squares = (references * references).sum(1)
+
+        def torch_candidates(
+            query: torch.Tensor, m: int, own: torch.Tensor | None
+        ) -> tuple[torch.Tensor, ...]:
+            approximate = (
+                (query @ references.T).mul_(-2).add_(reference_squares).add_((query * query).sum(1)[:, None])
+            )
+            if own is not None:
+                approximate[torch.arange(query.shape[0], device=query.device), own] = math.inf
+            return approximate.topk(m, dim=1, largest=False, sorted=False)
+
+        return torch_candidates
 
 
 def _float64_search(
@@ -370,6 +431,14 @@ def _fit_whitening(raw: torch.Tensor, n_components: int) -> tuple[torch.Tensor, 
             "(constant or dependent features): lower n_components for preprocess='pca'"
         )
     return mean, vectors[:, :n_components] / variances[:n_components].sqrt()
+
+
+def _faiss() -> ModuleType:
+    """The faiss module, or an ImportError that names the extra providing it."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as error:
+        raise ImportError("backend='faiss' needs the faiss package: pip install 'xaiadv[faiss]'") from error
 
 
 def _check_positive_int(name: str, value: object) -> None:

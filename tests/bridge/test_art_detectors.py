@@ -337,6 +337,35 @@ def test_idefender_mixtures_rebuilt_from_arrays(fitted, classifier, data, tmp_pa
         np.testing.assert_array_equal(rebuilt.score_samples(hidden), original.score_samples(hidden))
         np.testing.assert_array_equal(rebuilt.predict(hidden), original.predict(hidden))
         assert rebuilt.n_iter_ == original.n_iter_ and rebuilt.converged_ == original.converged_
+    # the save is the plugin's to_state(), restored by its from_state()
+    (arrays, state), (loaded_arrays, loaded_state) = detector.plugin_.to_state(), loaded.plugin_.to_state()
+    assert loaded_state == state and loaded_arrays.keys() == arrays.keys()
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(loaded_arrays[name], value)
+    assert state["config"]["calibration"] == "train" and state["keep"] == detector.keep_ == 0.95
+
+
+def test_knn_backend_threads_through_fit_detect_save_and_load(
+    fitted, classifier, data, tmp_path: Path
+) -> None:
+    detector = KNNDetector(classifier, backend="faiss")
+    assert "backend" in detector.defence_params and fitted[KNNDetector].get_params()["backend"] == "torch"
+    detector.fit(data["x_train"], data["y_train"])
+    assert detector.plugin_.backend == "faiss"
+    x = data["x_test"]
+    (report, flagged), (expected, expected_flagged) = detector.detect(x), fitted[KNNDetector].detect(x)
+    np.testing.assert_array_equal(report["score"], expected["score"])  # the same neighbours as torch
+    np.testing.assert_array_equal(flagged, expected_flagged)
+    detector.save(tmp_path / "knn")
+    assert json.loads((tmp_path / "knn.json").read_text())["config"]["backend"] == "faiss"
+    loaded = KNNDetector.load(tmp_path / "knn", classifier)
+    assert loaded.get_params() == detector.get_params() and loaded.plugin_.backend == "faiss"
+    np.testing.assert_array_equal(loaded.detect(x)[0]["score"], report["score"])
+    assert torch.equal(loaded.plugin_.reference_predictions_, detector.plugin_.reference_predictions_)
+    assert torch.equal(loaded.plugin_.score_references(), detector.plugin_.score_references())
+    with pytest.raises(ValueError, match="backend must be one of torch, faiss; got 'annoy'"):
+        detector.set_params(backend="annoy")
+    assert detector.backend == "faiss" and hasattr(detector, "plugin_")
 
 
 def _tamper(base: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -12,39 +13,40 @@ from pathlib import Path
 import pytest
 
 from xaiadv.bridge.registry import available_attacks
-from xaiadv.evaluation import bench, demo
+from xaiadv.evaluation import bench, demo, run
 from xaiadv.evaluation.bench import BenchRow
 from xaiadv.evaluation.cli import format_table, main
+from xaiadv.evaluation.config import DETECTORS, STUDIES, AttackSpec, ModelSpec, RunConfig
 from xaiadv.evaluation.models import TrainConfig, load_model
 
 NAME_LINE = re.compile(r"^(xaiadv|art|foolbox|torchattacks):[A-Za-z0-9_]+$")
-#: Two short attacks and a tiny model, so `xaiadv demo` runs in about a second.
+#: The demo config cut to two short attacks, no detector and a tiny model, so `xaiadv demo` runs in seconds.
 FAST_ATTACKS = (
-    ("LRP-grad", "xaiadv:LRPGrad", {"eps": 0.05, "max_iter": 5}),
-    (
-        "IFGSM (ART BIM)",
+    AttackSpec("xaiadv:LRPGrad", "LRP-grad", {"eps": 0.05, "max_iter": 5}),
+    AttackSpec(
         "art:BasicIterativeMethod",
+        "IFGSM (ART BIM)",
         {"eps": 1.0, "eps_step": 1 / 256, "max_iter": 5, "batch_size": 128, "verbose": False},
     ),
 )
-TINY = TrainConfig(dataset="fashion_mnist", epochs=1, width=4, max_train=64)
+TINY = ModelSpec(epochs=3, width=8, max_train=600)
 
 
 pytestmark = pytest.mark.usefixtures("isolated")  # tests/evaluation/conftest.py
 
 
 @pytest.fixture
-def fast_demo(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
-    """``run_demo`` as the CLI calls it, with FAST_ATTACKS and the TINY model; records the CLI's arguments."""
-    calls: list[dict[str, object]] = []
-    real = demo.run_demo
+def fast_demo(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
+    """The demo as the CLI runs it, with FAST_ATTACKS and the TINY model; records the configs it got."""
+    configs: list[RunConfig] = []
 
-    def fast(n_samples: int, **kwargs: object) -> demo.DemoResult:
-        calls.append({"n_samples": n_samples, **kwargs})
-        return real(n_samples, **{**kwargs, "attacks": FAST_ATTACKS, "train": TINY})
+    def fast(config: RunConfig, **kwargs: object) -> run.RunResult:
+        configs.append(config)
+        cut = dataclasses.replace(config, attacks=FAST_ATTACKS, detectors=(), model=TINY)
+        return run.run_evaluation(cut, **kwargs)
 
-    monkeypatch.setattr(demo, "run_demo", fast)
-    return calls
+    monkeypatch.setattr(demo, "run_evaluation", fast)
+    return configs
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -60,10 +62,10 @@ def _table_rows(text: str) -> list[list[str]]:
 # list
 
 
-def test_list_prints_every_attack_one_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_prints_every_attack_detector_and_study_one_per_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == available_attacks()
+    assert lines == available_attacks() + list(DETECTORS) + list(STUDIES)
     assert {"xaiadv:LRPGrad", "art:BasicIterativeMethod", "xaiadv:LRPFlip"} <= set(lines)
     assert {line.partition(":")[0] for line in lines} == {"xaiadv", "art", "foolbox", "torchattacks"}
     assert all(NAME_LINE.match(line) for line in lines), [line for line in lines if not NAME_LINE.match(line)]
@@ -74,7 +76,9 @@ def test_list_source_filters(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert "xaiadv:LRPGrad" in lines
     assert lines and all(line.startswith("xaiadv:") for line in lines)
-    assert lines == available_attacks("xaiadv")
+    assert lines == available_attacks("xaiadv") + [
+        n for n in (*DETECTORS, *STUDIES) if n.startswith("xaiadv:")
+    ]
 
 
 def test_list_unknown_source_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,47 +115,49 @@ def test_train_prints_accuracy_and_an_existing_model_path(
 # demo
 
 
-def test_demo_prints_one_table_row_per_attack(
-    capsys: pytest.CaptureFixture[str], fast_demo: list[dict[str, object]]
+def test_demo_runs_the_builtin_config_and_prints_the_summary(
+    capsys: pytest.CaptureFixture[str], fast_demo: list[RunConfig], tmp_path: Path
 ) -> None:
-    assert main(["demo", "--dataset", "digits", "--samples", "20"]) == 0
-    assert fast_demo == [{"n_samples": 20, "dataset": "digits", "progress": True}]
+    output = tmp_path / "demo"
+    assert main(["demo", "--dataset", "digits", "--samples", "20", "--output", str(output)]) == 0
+    (config,) = fast_demo
+    assert (config.dataset, config.samples, config.output) == ("digits", 20, str(output))
+    assert len(config.attacks) >= 12 and len(config.detectors) == len(DETECTORS) + 1  # I-defender twice
     captured = capsys.readouterr()
     assert "WARNING" not in captured.err
-    assert re.search(
-        r"^digits: reference CNN test accuracy \d\.\d{4}; 20 test images, \d+ initially correct",
-        captured.out,
-        re.MULTILINE,
-    )
+    assert re.search(r"^digits: 20 test images, \d+ initially correct$", captured.out, re.MULTILINE)
     rows = _table_rows(captured.out)
-    assert rows[0] == ["attack", "registry name", "ASR", "n success", "L0", "L1", "L2", "Linf", "s/image"]
-    assert set(rows[1]) == {"---"}
-    body = rows[2:]
-    assert [(row[0], row[1]) for row in body] == [(label, name) for label, name, _ in FAST_ATTACKS]
-    for row in body:
-        assert len(row) == 9
-        assert row[2] == "n/a" or 0.0 <= float(row[2]) <= 1.0
-        assert int(row[3]) >= 0
-        for cell in row[4:8]:  # medians: a number when something succeeded, else n/a
-            assert (cell == "n/a") == (int(row[3]) == 0), row
-    assert re.search(r"^total \d+\.\d s$", captured.out, re.MULTILINE)
+    assert rows[0] == ["attack", "ASR", "n success", "L1", "L2", "Linf"]
+    assert [row[0] for row in rows[2:]] == [spec.label for spec in FAST_ATTACKS]
+    for row in rows[2:]:
+        assert 0.0 <= float(row[1]) <= 1.0 and int(row[2]) >= 0
+        for cell in row[3:]:  # medians: a number when something succeeded, else n/a
+            assert (cell == "n/a") == (int(row[2]) == 0), row
+    assert f"report: {output / 'report.md'}" in captured.out
+    assert (output / "report.md").read_text().startswith("# xaiadv evaluation report")
 
 
 def test_demo_says_when_it_fell_back_to_digits(
-    capsys: pytest.CaptureFixture[str], fast_demo: list[dict[str, object]]
+    capsys: pytest.CaptureFixture[str], fast_demo: list[RunConfig], tmp_path: Path
 ) -> None:
-    assert main(["demo", "--samples", "5"]) == 0
-    assert fast_demo[0]["dataset"] == "fashion_mnist"
+    assert main(["demo", "--samples", "5", "--output", str(tmp_path / "demo")]) == 0
+    assert fast_demo[0].dataset == "fashion_mnist"
     captured = capsys.readouterr()
-    assert re.search(r"WARNING: fashion_mnist was not found .*digits instead", captured.err)
-    assert re.search(r"^digits: reference CNN test accuracy", captured.out, re.MULTILINE)
+    assert re.search(r"WARNING: fashion_mnist was not found .*this run used digits instead", captured.err)
+    assert re.search(r"^digits: 5 test images", captured.out, re.MULTILINE)
     assert len(_table_rows(captured.out)) == 2 + len(FAST_ATTACKS)
+    assert (
+        "(fallback: the configured data set was not found)" in (tmp_path / "demo" / "report.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "--samples", "0"], "xaiadv demo: error: n_samples must be an int > 0; got 0"),
+        (
+            ["demo", "--samples", "0"],
+            "evaluation/demo.toml: data.samples: expected an integer > 0, got 0",
+        ),
         (
             ["train", "--dataset", "digits", "--epochs", "0"],
             "xaiadv train: error: epochs: expected an integer >= 1",
@@ -268,4 +274,6 @@ def test_console_script_list_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "xaiadv:LRPGrad" in lines
-    assert lines == available_attacks("xaiadv")
+    assert lines == available_attacks("xaiadv") + [
+        n for n in (*DETECTORS, *STUDIES) if n.startswith("xaiadv:")
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -67,6 +68,132 @@ def test_torch_log_likelihood_gradient(covariance_type, rng):
 def test_torch_log_likelihood_refuses_unfitted_mixture():
     with pytest.raises(ValueError, match="fitted sklearn GaussianMixture"):
         gmm_log_likelihood(torch.zeros(2, 3, dtype=torch.float64), GaussianMixture(2))
+
+
+# ------------------------------------------------------------- IDefender.log_likelihood: differentiable in x
+def _smooth_model() -> nn.Module:
+    """float64 MLP with a smooth hidden layer (tanh) whose unit 2 is constant: a dead feature to drop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].weight[2] = 0.0
+        model[1].bias[2] = 0.5
+    return model
+
+
+def _smooth_data(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(90, 1, 2, 2, generator=generator, dtype=torch.float64), torch.arange(90) % 3
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_log_likelihood_of_inputs_equals_sklearn_score_samples(covariance_type, generator):
+    model = _smooth_model()
+    x, y = _smooth_data(generator)
+    detector = IDefender(model, n_components=2, covariance_type=covariance_type, calibration="train").fit(
+        x, y
+    )
+    assert detector.kept_features_.tolist() == [True, True, False, True, True, True]
+    with torch.no_grad():  # the hidden state by hand: tanh(W x + b), the dead unit dropped as fit did
+        by_hand = torch.tanh(model[1](x.flatten(1)))[:, detector.kept_features_]
+    torch.testing.assert_close(detector.hidden(x), by_hand, rtol=0, atol=0)
+    ll = detector.log_likelihood(x.clone().requires_grad_())
+    assert ll.dtype == torch.float64 and ll.shape == (90, 3) and ll.grad_fn is not None
+    for label, mixture in enumerate(detector.mixtures_):
+        expected = mixture.score_samples(by_hand.numpy())
+        np.testing.assert_allclose(ll[:, label].detach().numpy(), expected, rtol=1e-8, atol=1e-8)
+    without_graph = detector.log_likelihood(x)
+    assert without_graph.grad_fn is None
+    torch.testing.assert_close(without_graph, ll.detach(), rtol=0, atol=0)
+
+
+def test_log_likelihood_is_differentiable_in_the_input(generator, assert_no_hooks):
+    model = _smooth_model().train()
+    x, y = _smooth_data(generator)
+    detector = IDefender(model, n_components=2, calibration="train", batch_size=3).fit(x, y)
+    query = torch.rand(5, 1, 2, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    # finite differences against autograd, through the model and across mini-batches of 3
+    assert torch.autograd.gradcheck(detector.log_likelihood, (query,))
+    (gradient,) = torch.autograd.grad(detector.log_likelihood(query)[:, 1].sum(), query)
+    assert bool((gradient.abs().flatten(1).sum(1) > 0).all())
+    score, prediction = detector.score_and_prediction(query)
+    (score_gradient,) = torch.autograd.grad(score.sum(), query)
+    ll = detector.log_likelihood(query)
+    (expected,) = torch.autograd.grad(-ll[torch.arange(5), prediction].sum(), query)
+    torch.testing.assert_close(score_gradient, expected)
+    assert_no_hooks(model)
+    assert all(module.training for module in model.modules())
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ to_state, from_state
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_state_round_trip_through_json_scores_identically(covariance_type, generator):
+    model = _smooth_model()
+    x, y = _smooth_data(generator)
+    detector = IDefender(model, n_components=2, covariance_type=covariance_type, keep=0.9).fit(x, y)
+    detector.calibrate(x, keep=0.8)
+    arrays, state = detector.to_state()
+    assert all(isinstance(value, np.ndarray) for value in arrays.values())
+    restored = IDefender.from_state(model, arrays, json.loads(json.dumps(state)))
+    assert repr(restored) == repr(detector) and restored.keep_ == 0.8
+    assert restored.input_shape_ == (1, 2, 2) and restored.n_classes_ == 3
+    assert torch.equal(restored.kept_features_, detector.kept_features_)
+    assert torch.equal(restored.thresholds_, detector.thresholds_)
+    assert torch.equal(restored.log_likelihood(x), detector.log_likelihood(x))
+    assert torch.equal(restored.detect(x), detector.detect(x))
+    hidden = detector.hidden(x).numpy()
+    for original, rebuilt in zip(detector.mixtures_, restored.mixtures_, strict=True):
+        np.testing.assert_array_equal(rebuilt.score_samples(hidden), original.score_samples(hidden))
+        np.testing.assert_array_equal(rebuilt.predict(hidden), original.predict(hidden))
+        assert rebuilt.n_iter_ == original.n_iter_ and rebuilt.lower_bound_ == original.lower_bound_
+    arrays["thresholds"][0] = 123.0  # the detector does not share memory with its arrays
+    assert float(detector.thresholds_[0]) != 123.0 and float(restored.thresholds_[0]) != 123.0
+
+
+def test_state_with_preprocessing(heldout, digits, digits_cnn):
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    mean, std = 0.25, 2.0
+    raw = x * std + mean
+    wrapped = IDefender(digits_cnn, n_components=1, preprocessing=(mean, std)).fit(raw, y)
+    restored = IDefender.from_state(digits_cnn, *wrapped.to_state(), preprocessing=(mean, std))
+    torch.testing.assert_close(restored.score(raw[:40]), wrapped.score(raw[:40]), rtol=0, atol=0)
+    arrays, state = heldout.to_state()
+    assert state["config"] == {
+        "layer": None,
+        "n_components": 5,
+        "covariance_type": "full",
+        "reg_covar": 1e-2,
+        "keep": KEEP,
+        "calibration": "heldout",
+        "calibration_share": 0.3,
+        "random_state": 0,
+    }
+    assert arrays["mixture.9.precisions_cholesky"].shape == (5, 224, 224)
+
+
+def test_from_state_refuses_what_does_not_fit(generator, digits_cnn):
+    model = _smooth_model()
+    x, y = _smooth_data(generator)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        IDefender(model).to_state()
+    arrays, state = IDefender(model, n_components=2, calibration="train").fit(x, y).to_state()
+    with pytest.raises(ValueError, match=r"state must be the dict IDefender\.to_state"):
+        IDefender.from_state(model, arrays, {"n_classes": 3})
+    with pytest.raises(ValueError, match=r"state lacks \['keep'\]"):
+        IDefender.from_state(model, arrays, {key: value for key, value in state.items() if key != "keep"})
+    with pytest.raises(ValueError, match="covariance_type must be one of"):
+        IDefender.from_state(model, arrays, {**state, "config": {**state["config"], "covariance_type": "x"}})
+    with pytest.raises(ValueError, match="state describes 2 mixtures for 3 classes"):
+        IDefender.from_state(model, arrays, {**state, "mixtures": state["mixtures"][:2]})
+    without = {key: value for key, value in arrays.items() if key != "mixture.1.mean"}
+    with pytest.raises(ValueError, match=r"arrays lacks 'mixture\.1\.mean'"):
+        IDefender.from_state(model, without, state)
+    with pytest.raises(ValueError, match=r"mixture.0.covariance must be finite and shaped \(2, 5, 5\)"):
+        IDefender.from_state(model, {**arrays, "mixture.0.covariance": np.zeros((2, 4, 4))}, state)
+    with pytest.raises(ValueError, match="thresholds shaped \\(3,\\)"):
+        IDefender.from_state(model, {**arrays, "thresholds": np.zeros(2)}, state)
+    with pytest.raises(ValueError, match="6 hidden features and 3 classes; the model gives 256 and 10"):
+        IDefender.from_state(digits_cnn, arrays, {**state, "input_shape": [1, 8, 8]})
 
 
 # ------------------------------------------------------------------------------------------ thresholds

@@ -5,9 +5,11 @@ detection AUC against ART's FGSM on the digits CNN, and bad input refused before
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from fractions import Fraction
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from xaiadv.plugins.detectors.knn import KNNScore
+from xaiadv.plugins.detectors.knn import BACKENDS, KNNScore
 
 
 def vector_model(dim: int, classes: int = 3, *, favour: int | None = None) -> nn.Module:
@@ -59,12 +61,15 @@ def training_flags(model: nn.Module) -> dict[str, bool]:
 # search
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
 @pytest.mark.parametrize("k", [1, 5])
-def test_chunked_search_equals_float64_brute_force(rng: np.random.Generator, chunk_size: int, k: int) -> None:
+def test_chunked_search_equals_float64_brute_force(
+    rng: np.random.Generator, chunk_size: int, k: int, backend: str
+) -> None:
     references = rng.normal(size=(300, 6)).astype(np.float32)
     queries = rng.normal(size=(40, 6)).astype(np.float32)
-    detector = fitted_on(references, k=k, chunk_size=chunk_size)
+    detector = fitted_on(references, k=k, chunk_size=chunk_size, backend=backend)
     distances, indices = detector.neighbours(torch.from_numpy(queries))
     expected_distances, expected_indices = brute_force(queries, references, k)
     assert distances.dtype == torch.float32 and distances.shape == (40, k)
@@ -72,11 +77,13 @@ def test_chunked_search_equals_float64_brute_force(rng: np.random.Generator, chu
     np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-6)
 
 
-def test_exact_matches_have_distance_zero_and_come_first(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_matches_have_distance_zero_and_come_first(rng: np.random.Generator, backend: str) -> None:
     # A large common offset: |q|^2 + |r|^2 - 2 q.r in float32 loses everything below ~1e-1 here.
     references = (1000.0 + 0.01 * rng.normal(size=(200, 8))).astype(np.float32)
     queries = references[[5, 70, 199]]
-    distances, indices = fitted_on(references, k=4, chunk_size=2).neighbours(torch.from_numpy(queries))
+    detector = fitted_on(references, k=4, chunk_size=2, backend=backend)
+    distances, indices = detector.neighbours(torch.from_numpy(queries))
     assert distances[:, 0].tolist() == [0.0, 0.0, 0.0]
     assert indices[:, 0].tolist() == [5, 70, 199]
     expected_distances, expected_indices = brute_force(queries, references, 4)
@@ -84,7 +91,8 @@ def test_exact_matches_have_distance_zero_and_come_first(rng: np.random.Generato
     np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-6)
 
 
-def test_ties_go_to_the_lower_reference_index(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lower_reference_index(rng: np.random.Generator, backend: str) -> None:
     references = (5.0 + rng.normal(size=(500, 4))).astype(np.float32)  # nothing near the origin
     # more tied copies than the float32 pass keeps as candidates (2k + 16): the exhaustive re-search decides
     copies = np.sort(rng.choice(np.arange(5, 500), size=60, replace=False))
@@ -92,19 +100,20 @@ def test_ties_go_to_the_lower_reference_index(rng: np.random.Generator) -> None:
     references[3] = [1.0, 0.0, 0.0, 0.0]  # equidistant from the origin, not equal
     references[1] = [-1.0, 0.0, 0.0, 0.0]
     queries = torch.from_numpy(np.stack([references[copies[0]], np.zeros(4, np.float32)]))
-    distances, indices = fitted_on(references, k=5, chunk_size=1).neighbours(queries)
+    distances, indices = fitted_on(references, k=5, chunk_size=1, backend=backend).neighbours(queries)
     assert indices[0].tolist() == copies[:5].tolist()
     assert distances[0].tolist() == [0.0] * 5
     assert indices[1, :2].tolist() == [1, 3]
     assert distances[1, :2].tolist() == [1.0, 1.0]
-    again = fitted_on(references, k=5, chunk_size=64).neighbours(queries)[1]  # whatever the chunking
+    again = fitted_on(references, k=5, chunk_size=64, backend=backend).neighbours(queries)[1]  # any chunking
     assert torch.equal(again, indices)
 
 
-def test_leave_one_out_drops_only_the_point_itself(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leave_one_out_drops_only_the_point_itself(rng: np.random.Generator, backend: str) -> None:
     references = rng.normal(size=(120, 5)).astype(np.float32)
     references[40] = references[10]  # a duplicate of another point is still found, at distance 0
-    detector = fitted_on(references, k=3, chunk_size=16)
+    detector = fitted_on(references, k=3, chunk_size=16, backend=backend)
     distances, indices = detector.neighbours(detector.reference_features_, exclude_self=True)
     assert not bool((indices == torch.arange(120)[:, None]).any())
     assert indices[10, 0] == 40 and indices[40, 0] == 10 and distances[10, 0] == 0
@@ -116,6 +125,116 @@ def test_leave_one_out_drops_only_the_point_itself(rng: np.random.Generator) -> 
     expected_own = torch.arange(120)
     expected_own[40] = 10
     assert torch.equal(own, expected_own)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the references scored leave-one-out; the faiss backend
+
+
+def loo_scores_oracle(
+    references: np.ndarray, labels: np.ndarray, predictions: np.ndarray, k: int, weighting: str
+) -> np.ndarray:
+    """Float64 oracle of eq. 2's ``1 - s(r_i, f(r_i))`` over the k nearest references other than i."""
+    distances, order = brute_force(references, references, k, exclude_self=True)
+    if weighting == "uniform":
+        weights = np.ones_like(distances)
+    elif weighting == "rank":
+        weights = np.broadcast_to(1.0 / np.arange(1, k + 1), distances.shape)
+    else:  # 1/d^2; a row with an exact match: all the weight on its zero-distance neighbours
+        with np.errstate(divide="ignore"):
+            inverse = 1.0 / distances**2
+        weights = np.where(distances[:, :1] == 0, (distances == 0).astype(float), inverse)
+    agree = labels[order] == predictions[:, None]
+    return 1.0 - (weights * agree).sum(1) / weights.sum(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighting", ["uniform", "rank", "distance"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_reference_scores_leave_one_out_equal_the_oracle(
+    rng: np.random.Generator, k: int, weighting: str, backend: str
+) -> None:
+    references = rng.normal(size=(150, 4)).astype(np.float32)
+    references[[40, 41]] = references[10]  # three copies of one point, with different labels
+    labels = rng.integers(0, 3, size=150)
+    labels[[10, 40, 41]] = [0, 1, 2]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        predictions = model(torch.from_numpy(references)).argmax(1).numpy()
+    assert len(np.unique(predictions)) == 3
+    detector = KNNScore(
+        model, layer="0", preprocess=None, k=k, weighting=weighting, chunk_size=32, backend=backend
+    ).fit(torch.from_numpy(references), torch.from_numpy(labels))
+    assert torch.equal(detector.reference_predictions_, torch.from_numpy(predictions))
+    scores = detector.score_references()
+    expected = loo_scores_oracle(references, labels, predictions, k, weighting)
+    assert scores.dtype == torch.float32 and scores.shape == (150,)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=0, atol=1e-6)
+    if k == 1:  # point 10's one neighbour is its first copy, 40 (label 1), not itself (label 0)
+        assert float(scores[10]) == float(labels[40] != predictions[10])
+    # scored with itself among the references, every point would be its own neighbour
+    assert not torch.allclose(scores, detector.score(torch.from_numpy(references)))
+
+
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_faiss_backend_equals_torch_and_brute_force(
+    rng: np.random.Generator, k: int, chunk_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    indexes = []  # proof that the faiss backend searches with faiss
+    flat_l2 = faiss.IndexFlatL2
+    monkeypatch.setattr(faiss, "IndexFlatL2", lambda dim: indexes.append(dim) or flat_l2(dim))
+    references = rng.normal(size=(400, 8)).astype(np.float32)  # continuous: no ties
+    queries = rng.normal(size=(50, 8)).astype(np.float32)
+    labels = torch.from_numpy(rng.integers(0, 3, size=400))
+    model = vector_model(8)  # one model for both: the same predicted classes
+    params = {"layer": "0", "preprocess": None, "k": k, "chunk_size": chunk_size, "weighting": "distance"}
+    by_torch = KNNScore(model, backend="torch", **params).fit(torch.from_numpy(references), labels)
+    by_faiss = KNNScore(model, backend="faiss", **params).fit(torch.from_numpy(references), labels)
+    assert "backend='faiss'" in repr(by_faiss)
+    for exclude_self, points in ((False, queries), (True, references)):
+        distances, indices = by_faiss.neighbours(torch.from_numpy(points), exclude_self=exclude_self)
+        expected_distances, expected_indices = brute_force(points, references, k, exclude_self=exclude_self)
+        np.testing.assert_array_equal(indices.numpy(), expected_indices)
+        np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-6)
+        torch_distances, torch_indices = by_torch.neighbours(
+            torch.from_numpy(points), exclude_self=exclude_self
+        )
+        assert torch.equal(indices, torch_indices) and torch.equal(distances, torch_distances)
+    query = torch.from_numpy(queries)
+    assert torch.equal(by_faiss.class_scores(query), by_torch.class_scores(query))
+    assert torch.equal(by_faiss.score(query), by_torch.score(query))
+    assert torch.equal(by_faiss.score_references(), by_torch.score_references())
+    assert indexes and set(indexes) == {8}
+
+
+def test_faiss_backend_on_digits_features(digits, digits_cnn: nn.Module) -> None:
+    x, y = digits.x_train, digits.y_train
+    by_torch = KNNScore(digits_cnn, preprocess="pca", n_components=8, weighting="rank").fit(x, y)
+    by_faiss = KNNScore(digits_cnn, preprocess="pca", n_components=8, weighting="rank", backend="faiss").fit(
+        x, y
+    )
+    assert torch.equal(by_faiss.score(digits.x_test), by_torch.score(digits.x_test))
+    assert torch.equal(by_faiss.score_references(), by_torch.score_references())
+
+
+def test_faiss_backend_without_faiss_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    with pytest.raises(
+        ImportError, match=r"backend='faiss' needs the faiss package: pip install 'xaiadv\[faiss\]'"
+    ):
+        KNNScore(vector_model(4), layer="0", backend="faiss")
+    assert KNNScore(vector_model(4), layer="0").backend == "torch"
+
+
+def test_reference_scores_need_a_fit_and_k_below_the_reference_count() -> None:
+    detector = KNNScore(vector_model(2), layer="0", k=3, preprocess=None)
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        detector.score_references()
+    detector.fit(torch.rand(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="k=3 must be <= 2"):
+        detector.score_references()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +401,7 @@ CONSTRUCTOR_ERRORS: dict[str, tuple[dict[str, object], str]] = {
     "k zero": ({"k": 0}, "k must be an int > 0"),
     "k float": ({"k": 2.0}, "k must be an int > 0"),
     "chunk_size": ({"chunk_size": -1}, "chunk_size must be an int > 0"),
+    "backend": ({"backend": "annoy"}, "backend must be one of torch, faiss; got 'annoy'"),
     "layer": ({"layer": "conv9"}, r"layer\(s\) \['conv9'\] not in the model; its layers are: inner, inner.0"),
     "preprocessing": ({"preprocessing": (0.5,)}, r"preprocessing must be None or a pair \(mean, std\)"),
 }

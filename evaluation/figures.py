@@ -1,0 +1,333 @@
+"""The report's figures as PNG files, drawn from saved results (plain JSON-like data and numpy arrays).
+
+Re-rendering a report needs only results.json and the npz files, so nothing here takes a live model or
+attack. Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never pyplot: no global
+figure registry to leak into, safe in threads. Each function validates its input before drawing, writes
+one PNG atomically and returns its path; the same input gives the same bytes (no timestamp or version in
+the PNG metadata, fixed dpi).
+"""
+
+from __future__ import annotations
+
+import io
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from xaiadv.plugins.storage import atomic_write
+
+NORMS = ("L0", "L1", "L2", "Linf")
+#: Per-iteration series of one attack's trace, as the harness saves them (thesis Figs. 4.6-4.10).
+CURVE_KEYS = ("iteration", "asr", *NORMS)
+DPI = 100
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def plot_attack_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float | None]]],
+    path: str | os.PathLike[str],
+    *,
+    norm: str = "L1",
+    title: str = "",
+) -> Path:
+    """ASR over iterations, ``norm`` over iterations and ``norm`` over ASR, one line per attack.
+
+    The three panels of the thesis's Figs. 4.6-4.10. ``curves`` maps an attack label to its series
+    "iteration", "asr" and ``norm`` (the other norms are optional; every series given must have the
+    iteration's length; other keys are ignored). None or NaN marks an undefined value, such as a norm
+    before the first success, and is drawn as a gap. ASR is a fraction in [0, 1].
+    """
+    target = _png_path(path)
+    _check_norm(norm)
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves must be a non-empty mapping of attack label -> series")
+    checked = {label: _check_curve(label, curve, norm) for label, curve in curves.items()}
+
+    figure = _figure((13.5, 4.2))
+    asr_axes, norm_axes, tradeoff_axes = figure.subplots(1, 3)
+    for index, (label, (iteration, asr, values)) in enumerate(checked.items()):
+        style = {"color": f"C{index % 10}", "linestyle": _LINESTYLES[index // 10 % 4], "label": str(label)}
+        asr_axes.plot(iteration, asr, **style)
+        norm_axes.plot(iteration, values, **style)
+        tradeoff_axes.plot(asr, values, **style)
+    asr_axes.set(xlabel="iteration", ylabel="ASR", ylim=(-0.02, 1.02), title="ASR over iterations")
+    norm_axes.set(xlabel="iteration", ylabel=f"{norm} norm", title=f"{norm} over iterations")
+    tradeoff_axes.set(xlabel="ASR", ylabel=f"{norm} norm", xlim=(-0.02, 1.02), title=f"{norm} over ASR")
+    for axes in (asr_axes, norm_axes, tradeoff_axes):
+        axes.grid(alpha=0.3)
+    handles, labels = asr_axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    if title:
+        figure.suptitle(title)
+    return _save(figure, target)
+
+
+def plot_roc(
+    rocs: Mapping[str, Mapping[str, Sequence[float] | float]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """One ROC curve per label (an attack the detector faced), its AUC in the legend, chance dashed.
+
+    ``rocs`` maps a label to {"fpr": [...], "tpr": [...], "auc": float}, all in [0, 1], fpr and tpr of
+    equal length (as ``sklearn.metrics.roc_curve`` and ``roc_auc_score`` give them).
+    """
+    target = _png_path(path)
+    if not isinstance(rocs, Mapping) or not rocs:
+        raise ValueError("rocs must be a non-empty mapping of label -> {'fpr', 'tpr', 'auc'}")
+    checked = {label: _check_roc(label, roc) for label, roc in rocs.items()}
+
+    figure = _figure((5.5, 5.5))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="chance")
+    for index, (label, (fpr, tpr, auc)) in enumerate(checked.items()):
+        axes.plot(
+            fpr,
+            tpr,
+            color=f"C{index % 10}",
+            linestyle=_LINESTYLES[index // 10 % 4],
+            label=f"{label} (AUC = {auc:.3f})",
+        )
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="false-positive rate", ylabel="true-positive rate")
+    axes.set_aspect("equal")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    axes.set_title(title or "ROC")
+    return _save(figure, target)
+
+
+def plot_examples(
+    original: np.ndarray,
+    adversarial: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    *,
+    n: int = 4,
+    labels: Mapping[str, Sequence[str]] | None = None,
+    title: str = "",
+) -> Path:
+    """Original, perturbation and adversarial image of the first ``n`` samples, one row block per attack.
+
+    Images are (N, C, H, W) in [0, 1] with C = 1 (gray) or 3 (RGB); every adversarial batch has the
+    original's shape. The perturbation x_adv - x is drawn with a diverging colormap symmetric around 0,
+    one scale per attack (its colorbar); for RGB its channel mean, so one colour per pixel. ``labels``
+    optionally gives, per attack, at least ``n`` sample titles such as "7 -> 3".
+    """
+    target = _png_path(path)
+    x = _check_images(original, "original")
+    if not isinstance(adversarial, Mapping) or not adversarial:
+        raise ValueError("adversarial must be a non-empty mapping of attack label -> images")
+    batches = {
+        label: _check_images(images, f"adversarial[{label!r}]") for label, images in adversarial.items()
+    }
+    for label, images in batches.items():
+        if images.shape != x.shape:
+            raise ValueError(
+                f"adversarial[{label!r}] must have the original's shape {x.shape}; got {images.shape}"
+            )
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= x.shape[0]:
+        raise ValueError(f"n must be an integer in [1, {x.shape[0]}] (the number of samples); got {n!r}")
+    n = int(n)
+    titles = _check_labels(labels, batches, n)
+
+    figure = _figure((1.4 * n + 1.8, 4.2 * len(batches) + 0.4))
+    grid = figure.subplots(3 * len(batches), n, squeeze=False)
+    for block, (label, images) in enumerate(batches.items()):
+        rows = grid[3 * block : 3 * block + 3]
+        delta = (images[:n] - x[:n]).mean(axis=1)
+        limit = float(np.abs(delta).max()) or 1.0  # an untouched batch still gets a valid scale
+        for column in range(n):
+            _show_image(rows[0, column], x[column])
+            shown = rows[1, column].imshow(
+                delta[column], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+            )
+            _show_image(rows[2, column], images[column])
+            if label in titles:
+                rows[0, column].set_title(titles[label][column], fontsize="small")
+        for row, name in zip(rows[:, 0], ("original", "perturbation", "adversarial"), strict=True):
+            row.set_ylabel(f"{label}\n{name}" if name == "original" else name, fontsize="small")
+        for axes in rows.ravel():
+            axes.set_xticks([])
+            axes.set_yticks([])
+        # Attached to the whole block, so all three rows keep one width; shrunk to sit beside the middle row.
+        figure.colorbar(shown, ax=list(rows.ravel()), shrink=0.3, label="x_adv - x")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, target)
+
+
+def plot_norm_distributions(
+    norms: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    norm: str = "L1",
+    title: str = "",
+) -> Path:
+    """Box plot of the ``norm`` of each attack's successful perturbations; "no success" where there are none.
+
+    ``norms`` maps an attack label to one finite, non-negative value per successful sample (an empty list
+    is an attack without success). The tick labels carry each attack's count of successes.
+    """
+    target = _png_path(path)
+    _check_norm(norm)
+    if not isinstance(norms, Mapping) or not norms:
+        raise ValueError("norms must be a non-empty mapping of attack label -> values")
+    checked = {label: _series(values, f"norms[{label!r}]") for label, values in norms.items()}
+    for label, values in checked.items():
+        if not (np.isfinite(values) & (values >= 0)).all():
+            raise ValueError(f"norms[{label!r}] must hold finite, non-negative values")
+
+    figure = _figure((max(4.0, 1.3 * len(checked) + 1.5), 4.5))
+    axes = figure.subplots()
+    positions = np.arange(1, len(checked) + 1)
+    filled = [
+        (position, values)
+        for position, values in zip(positions, checked.values(), strict=True)
+        if values.size
+    ]
+    if filled:
+        axes.boxplot([values for _, values in filled], positions=[position for position, _ in filled])
+    for position, values in zip(positions, checked.values(), strict=True):
+        if not values.size:
+            axes.text(position, 0.5, "no success", transform=axes.get_xaxis_transform(), ha="center")
+    axes.set_xticks(positions, [f"{label}\n(n={values.size})" for label, values in checked.items()])
+    axes.set_xlim(0.5, len(checked) + 0.5)
+    axes.set_ylabel(f"{norm} of successful perturbations")
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_title(title or f"{norm} norm per attack")
+    return _save(figure, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _png_path(path: str | os.PathLike[str]) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or path-like; got {type(path).__name__}")
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"path must name a .png file; got {str(target)!r}")
+    return target
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+
+
+def _series(values: Sequence[float | None], what: str) -> np.ndarray:
+    """A float64 copy of a sequence of numbers, None as NaN (matplotlib draws NaN as a gap)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise TypeError(f"{what} must be a sequence of numbers or None; got {type(values).__name__}")
+    if not all(value is None or isinstance(value, numbers.Real) for value in values):
+        raise TypeError(f"{what} must hold only numbers or None")
+    return np.array([np.nan if value is None else value for value in values], dtype=np.float64).reshape(-1)
+
+
+def _check_curve(
+    label: str, curve: Mapping[str, Sequence[float | None]], norm: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(iteration, asr, norm) of one attack's trace, after checking keys, lengths and ranges."""
+    if not isinstance(curve, Mapping):
+        raise TypeError(f"curves[{label!r}] must be a mapping of series; got {type(curve).__name__}")
+    missing = sorted({"iteration", "asr", norm} - set(curve))
+    if missing:
+        raise ValueError(
+            f"curves[{label!r}] lacks the series {missing}; it needs 'iteration', 'asr', {norm!r}"
+        )
+    series = {key: _series(curve[key], f"curves[{label!r}][{key!r}]") for key in CURVE_KEYS if key in curve}
+    lengths = {key: values.size for key, values in series.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"curves[{label!r}]: every series must have the same length; got {lengths}")
+    if not np.isfinite(series["iteration"]).all():
+        raise ValueError(f"curves[{label!r}]['iteration'] must hold finite numbers, no None")
+    asr = series["asr"]
+    if ((asr < 0) | (asr > 1)).any():  # NaN compares False: gaps pass
+        raise ValueError(f"curves[{label!r}]['asr'] must be fractions in [0, 1] (or None)")
+    for key in NORMS:
+        if key in series and ((series[key] < 0) | np.isinf(series[key])).any():
+            raise ValueError(f"curves[{label!r}][{key!r}] must be finite, non-negative norms (or None)")
+    return series["iteration"], asr, series[norm]
+
+
+def _check_roc(
+    label: str, roc: Mapping[str, Sequence[float] | float]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    if not isinstance(roc, Mapping) or not {"fpr", "tpr", "auc"} <= set(roc):
+        raise ValueError(f"rocs[{label!r}] must be a mapping with 'fpr', 'tpr' and 'auc'")
+    fpr, tpr = (_series(roc[key], f"rocs[{label!r}][{key!r}]") for key in ("fpr", "tpr"))
+    if fpr.size != tpr.size or fpr.size == 0:
+        raise ValueError(
+            f"rocs[{label!r}]: fpr and tpr must be non-empty, of equal length; got {fpr.size} and {tpr.size}"
+        )
+    auc = roc["auc"]
+    if not isinstance(auc, numbers.Real) or not 0 <= auc <= 1:
+        raise ValueError(f"rocs[{label!r}]['auc'] must be a number in [0, 1]; got {auc!r}")
+    for key, values in (("fpr", fpr), ("tpr", tpr)):
+        if not ((values >= 0) & (values <= 1)).all():
+            raise ValueError(f"rocs[{label!r}][{key!r}] must be rates in [0, 1]")
+    return fpr, tpr, float(auc)
+
+
+def _check_images(images: np.ndarray, what: str) -> np.ndarray:
+    """A float64 copy of an (N, C, H, W) batch with C in {1, 3} and values in [0, 1]."""
+    array = np.array(images, dtype=np.float64)
+    if array.ndim != 4 or array.shape[1] not in (1, 3) or 0 in array.shape:
+        raise ValueError(f"{what} must be non-empty images (N, C, H, W) with C = 1 or 3; got {array.shape}")
+    if not ((array >= 0) & (array <= 1)).all():
+        raise ValueError(f"{what} must hold values in [0, 1]")
+    return array
+
+
+def _check_labels(
+    labels: Mapping[str, Sequence[str]] | None, batches: Mapping[str, np.ndarray], n: int
+) -> Mapping[str, Sequence[str]]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise TypeError(
+            f"labels must be a mapping of attack label -> sample titles; got {type(labels).__name__}"
+        )
+    unknown = sorted(set(labels) - set(batches), key=str)
+    if unknown:
+        raise ValueError(f"labels names attacks that adversarial lacks: {unknown}")
+    for label, titles in labels.items():
+        if isinstance(titles, str) or not isinstance(titles, Sequence) or len(titles) < n:
+            raise ValueError(f"labels[{label!r}] must be a sequence of at least n = {n} titles")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# drawing and writing
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _show_image(axes: Axes, image: np.ndarray) -> None:
+    """One (C, H, W) image: gray for C = 1, RGB for C = 3, on the fixed [0, 1] scale."""
+    if image.shape[0] == 1:
+        axes.imshow(image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axes.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    """Render to PNG bytes without a timestamp or version, then write them atomically."""
+    with io.BytesIO() as buffer:
+        figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+        data = buffer.getvalue()
+    figure.clear()  # drop the artists now rather than at the next garbage collection
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    return path

@@ -1,0 +1,288 @@
+"""The report a person reads: ``report.md`` and its PNG figures, rendered from a run's saved results.
+
+``render_report(run_dir)`` needs only ``results.json`` and the cells' npz arrays, so ``xaiadv report``
+re-renders a finished (or interrupted) run without recomputing anything. An incomplete run's report
+says so in its first line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import figures
+from .rundir import RunDirectory
+
+NORMS = ("L0", "L1", "L2", "Linf")
+EXAMPLES = 4
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """``results.json`` of a run folder; ValueError when it is missing or not a results file."""
+    path = RunDirectory(run_dir).results
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ValueError(f"RUN_DIR: {path} does not exist; is {run_dir} a run folder?") from error
+    except ValueError as error:
+        raise ValueError(f"RUN_DIR: {path} is not valid JSON ({error})") from error
+    if not isinstance(results, dict) or "schema_version" not in results:
+        raise ValueError(f"RUN_DIR: {path} is not an xaiadv results file")
+    return results
+
+
+def fmt(value: object, digits: int = 3) -> str:
+    """A number for reading: 3 significant digits, integers as they are, None as 'n/a'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table with formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def attack_rows(results: dict[str, Any]) -> list[list[object]]:
+    """One row per attack: ASR, successes, median norms, confidences, seconds per image (or the error)."""
+    rows = []
+    for label, cell in results["attacks"].items():
+        if cell["status"] != "done":
+            rows.append([label, cell["name"], "failed", None, None, *([None] * 8)])
+            continue
+        medians = [cell["norms"][name]["median"] for name in NORMS]
+        confidence = cell["confidence"]
+        rows.append(
+            [
+                label,
+                cell["name"],
+                cell["n_correct"],
+                cell["asr"],
+                cell["n_success"],
+                *medians,
+                confidence["true_class"],
+                confidence["adversarial_class"],
+                cell["seconds_per_image"],
+            ]
+        )
+    return rows
+
+
+ATTACK_HEADER = (
+    "attack",
+    "name",
+    "n correct",
+    "ASR",
+    "n success",
+    "L0",
+    "L1",
+    "L2",
+    "Linf",
+    "p(true)",
+    "p(adv)",
+    "s/image",
+)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The short table the CLI prints: ASR and median L1/L2/Linf per attack."""
+    rows = [[row[0], row[3], row[4], row[6], row[7], row[8]] for row in attack_rows(results)]
+    return table(("attack", "ASR", "n success", "L1", "L2", "Linf"), rows)
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and the figures of a run folder from its saved results; returns the report path."""
+    run = RunDirectory(run_dir)
+    results = load_results(run.root)
+    run.figures.mkdir(exist_ok=True)
+    sections = [_header(results), _attack_section(results, run), _detector_section(results, run)]
+    run.write_text(run.report, "\n\n".join(section for section in sections if section) + "\n")
+    return run.report
+
+
+def _header(results: dict[str, Any]) -> str:
+    data, model, env = results["data"], results["model"], results["environment"]
+    status = (
+        "complete" if results.get("complete") else "INCOMPLETE: interrupted or still running; rerun to finish"
+    )
+    lines = [
+        "# xaiadv evaluation report",
+        "",
+        f"Status: **{status}**.",
+        "",
+        f"Data: {data['dataset']}"
+        + (" (fallback: the configured data set was not found)" if data["fell_back"] else "")
+        + f"; the first {data['n']} test images, {data['n_correct']} classified correctly before any attack.",
+        f"Model: {model['kind']}, sha256 {model['sha256']}"
+        + (
+            f", test accuracy {fmt(model.get('test_accuracy'))}"
+            if model.get("test_accuracy") is not None
+            else ""
+        )
+        + ".",
+        f"Seed {env['seed']}, device {env['device']}, git {env['git_revision'] or 'n/a'}, "
+        f"torch {env['packages'].get('torch')}.",
+    ]
+    warnings = results.get("warnings", results["checks"]["warnings"])
+    share = results["checks"]["zero_gradient_share"]
+    lines += ["", f"Zero-gradient share of the clean sample (thesis Table 4.2): {fmt(share)}."]
+    if warnings:
+        lines += ["", "**Warnings**", ""] + [f"- {warning}" for warning in warnings]
+    return "\n".join(lines)
+
+
+def _attack_section(results: dict[str, Any], run: RunDirectory) -> str:
+    attacks = results["attacks"]
+    if not attacks:
+        return ""
+    lines = [
+        "## Attack study",
+        "",
+        "ASR over the initially correct samples (thesis eq. 4.15); norms are medians over successful "
+        "samples, in [0, 1] pixel units; p(true)/p(adv): mean softmax probability of the true and the "
+        "adversarial class after success (Amirian Table 1). n correct is each attack's sample size.",
+        "",
+        table(ATTACK_HEADER, attack_rows(results)),
+    ]
+    failed = {label: cell for label, cell in attacks.items() if cell["status"] != "done"}
+    if failed:
+        lines += ["", "Failed attacks:", ""] + [
+            f"- {label}: {cell['error']}" for label, cell in failed.items()
+        ]
+    equal = results.get("equal_asr")
+    if equal and equal.get("asr") is not None:
+        lines += [
+            "",
+            f"### At equal ASR ({fmt(equal['asr'])}, the highest every attack reaches; thesis Table 5.1)",
+            "",
+            "Mean norm of each attack's cheapest successes that make up this ASR.",
+            "",
+            table(
+                ("attack", "L1", "L2", "Linf"),
+                [[label, row["L1"], row["L2"], row["Linf"]] for label, row in equal["rows"].items()],
+            ),
+        ]
+    lines += _attack_figures(attacks, run)
+    return "\n".join(lines)
+
+
+def _attack_figures(attacks: dict[str, Any], run: RunDirectory) -> list[str]:
+    done = {label: cell for label, cell in attacks.items() if cell["status"] == "done"}
+    curves = {label: cell["curve"] for label, cell in done.items() if cell.get("curve")}
+    lines = []
+    if curves:
+        lines += ["", "### Per iteration (thesis Figs. 4.6-4.10)", ""]
+        for norm in ("L1", "L2", "Linf"):
+            path = figures.plot_attack_curves(
+                curves, run.figures / f"curves-{norm}.png", norm=norm, title=f"{norm} per iteration"
+            )
+            lines.append(f"![{norm} per iteration](figures/{path.name})")
+    if done:
+        arrays = {label: run.load_arrays("attack", label) for label in done}
+        norms = {label: a["norm_L1"][a["successful"]].tolist() for label, a in arrays.items()}
+        path = figures.plot_norm_distributions(norms, run.figures / "norms-L1.png", norm="L1")
+        lines += [
+            "",
+            "### L1 of the successful perturbations",
+            "",
+            f"![L1 distributions](figures/{path.name})",
+        ]
+        lines += _examples(arrays, run)
+    return lines
+
+
+def _examples(arrays: dict[str, Any], run: RunDirectory) -> list[str]:
+    """A grid of the first few samples per attack: original, perturbation, adversarial, true -> new class."""
+    sample = run.load_arrays("sample", "sample")
+    n = min(EXAMPLES, *(len(a["x_adv"]) for a in arrays.values()))
+    original = sample["x"][:n]
+    y = sample["y"][:n]
+    labels = {
+        label: [f"{true} -> {new}" for true, new in zip(y, a["adversarial_prediction"][:n], strict=True)]
+        for label, a in arrays.items()
+    }
+    adversarial = {label: a["x_adv"][:n] for label, a in arrays.items()}
+    path = figures.plot_examples(original, adversarial, run.figures / "examples.png", n=n, labels=labels)
+    return ["", "### Examples: original, perturbation, adversarial", "", f"![examples](figures/{path.name})"]
+
+
+def _detector_section(results: dict[str, Any], run: RunDirectory) -> str:
+    detectors = results.get("detectors") or {}
+    if not detectors:
+        return ""
+    lines = [
+        "## Detector study",
+        "",
+        "Negatives: the initially correct clean test images; positives: each attack's successful "
+        "adversarial examples (n). TPR at FPR by linear interpolation on the ROC curve; EER accuracy as "
+        "Carrara Table 2; FPR/TPR at thr.: the detector's own calibrated threshold (for I-defender: ID-95 "
+        'with keep 0.95, ID-99 with keep 0.99). "authentic errors": the clean images the model '
+        "misclassifies, as positives.",
+    ]
+    for label, cell in detectors.items():
+        lines += ["", f"### {label} ({cell['name']})", ""]
+        if cell["status"] != "done":
+            lines.append(f"Failed: {cell['error']}")
+            continue
+        fitted = f"Fitted on {cell['n_fit']} clean training images"
+        if cell.get("train_attack"):
+            fitted = (
+                f"Trained on {cell['n_fit']} clean training images and their {cell['train_attack']} examples"
+            )
+        lines.append(f"{fitted}; clean false-positive rate on the test sample: {fmt(cell['clean_fpr'])}.")
+        lines += [
+            "",
+            table(DETECTOR_HEADER, [_detector_row(name, row) for name, row in cell["rows"].items()]),
+        ]
+        rocs = {
+            name: {"fpr": row["roc"]["fpr"], "tpr": row["roc"]["tpr"], "auc": row["auc"]}
+            for name, row in cell["rows"].items()
+            if row.get("roc") and name != "authentic errors"
+        }
+        if rocs:
+            path = figures.plot_roc(
+                rocs, run.figures / f"roc-{run.cell_path('detector', label).stem}.png", title=label
+            )
+            lines += ["", f"![ROC {label}](figures/{path.name})"]
+    return "\n".join(lines)
+
+
+DETECTOR_HEADER = (
+    "against",
+    "n",
+    "AUC",
+    "TPR@1%",
+    "TPR@5%",
+    "TPR@10%",
+    "EER acc.",
+    "FPR at thr.",
+    "TPR at thr.",
+)
+
+
+def _detector_row(name: str, row: dict[str, Any]) -> list[object]:
+    if "auc" not in row:
+        return [name, row["n"], *([None] * 7)]
+    tpr = row["tpr_at_fpr"]
+    return [
+        name,
+        row["n"],
+        row["auc"],
+        tpr["0.01"],
+        tpr["0.05"],
+        tpr["0.1"],
+        row["eer_accuracy"],
+        row["threshold_fpr"],
+        row["threshold_tpr"],
+    ]
