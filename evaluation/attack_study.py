@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,13 @@ from xaiadv.bridge.registry import build_attack
 
 from .config import AttackSpec
 from .curves import IterateRecorder, concat_records, record_from_trace, summarize
-from .metrics import attack_success_rate, mean_confidence, norm_summary, perturbation_norms
+from .metrics import (
+    attack_success_rate,
+    cheapest_share_mean,
+    mean_confidence,
+    norm_summary,
+    perturbation_norms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,20 +233,25 @@ def outputs_probabilities(logits: np.ndarray) -> bool:
 
 
 def equal_asr_table(
-    cells: dict[str, dict[str, Any]], norm_arrays: dict[str, dict[str, np.ndarray]]
+    cells: dict[str, dict[str, Any]],
+    norm_arrays: dict[str, dict[str, np.ndarray]],
+    compared: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Thesis Table 5.1: each attack's L1/L2/Linf at the highest ASR every compared attack reaches.
 
-    Each attack is taken at that common ASR by its cheapest successes (metrics.cheapest_share_mean);
-    attacks that failed or never succeeded are left out and named.
+    ``compared``: the labels to compare (empty: all). Each attack is taken at that common ASR by its
+    cheapest successes (metrics.cheapest_share_mean); attacks that failed, never succeeded or were not
+    chosen are listed as excluded.
     """
-    from .metrics import cheapest_share_mean
-
+    chosen = compared or list(cells)
     done = {
-        label: cell for label, cell in cells.items() if cell["status"] == "done" and cell["n_success"] > 0
+        label: cells[label]
+        for label in chosen
+        if cells[label]["status"] == "done" and cells[label]["n_success"] > 0
     }
+    excluded = [label for label in cells if label not in done]
     if not done:
-        return {"asr": None, "reason": "no attack succeeded", "rows": {}, "excluded": sorted(cells)}
+        return {"asr": None, "reason": "no compared attack succeeded", "rows": {}, "excluded": excluded}
     common = min(cell["asr"] for cell in done.values())
     rows = {}
     for label, cell in done.items():
@@ -249,7 +261,7 @@ def equal_asr_table(
             name: cheapest_share_mean(arrays[f"norm_{name}"][successful], cell["n_correct"], common)
             for name in ("L1", "L2", "Linf")
         }
-    return {"asr": common, "rows": rows, "excluded": sorted(set(cells) - set(done))}
+    return {"asr": common, "rows": rows, "excluded": excluded}
 
 
 def attack_warnings(cells: dict[str, dict[str, Any]]) -> list[str]:

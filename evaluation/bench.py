@@ -10,6 +10,8 @@ next to a forward pass (or a gradient step) and their fitting time on 60,000 ima
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -179,14 +181,18 @@ def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) ->
         z = batch.clone().requires_grad_(True)
         torch.autograd.grad(nn.functional.cross_entropy(model(z), batch_labels, reduction="sum"), z)
 
-    forward_group = _interleaved_medians(
-        {
-            "forward pass": lambda: forward_over(batch),
-            f"KNNScore.score ({len(x_ref)} references)": lambda: detectors["KNNScore"].score(batch),
-            "IDefender.score": lambda: detectors["IDefender"].score(batch),
-        },
-        repeats,
-    )
+    forward_runners = {
+        "forward pass": lambda: forward_over(batch),
+        f"KNNScore.score ({len(x_ref)} references)": lambda: detectors["KNNScore"].score(batch),
+        "IDefender.score": lambda: detectors["IDefender"].score(batch),
+    }
+    if importlib.util.find_spec("faiss") is not None:  # the same fitted references, searched by faiss
+        faiss_knn = copy.copy(detectors["KNNScore"])
+        faiss_knn.backend = "faiss"
+        forward_runners[f"KNNScore.score, faiss backend ({len(x_ref)} references)"] = lambda: faiss_knn.score(
+            batch
+        )
+    forward_group = _interleaved_medians(forward_runners, repeats)
     gradient_group = _interleaved_medians(
         {
             "gradient step": gradient_step,

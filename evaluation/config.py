@@ -79,7 +79,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines a run; the same config and seed give the same results on CPU."""
+    """Everything that determines a run; the same config and seed give the same results on CPU.
+
+    ``equal_asr``: the attack labels compared at equal ASR (thesis Table 5.1); empty means all of them. An
+    attack that rarely succeeds would otherwise pull the common ASR down to where nothing is compared.
+    """
 
     dataset: str
     samples: int
@@ -93,6 +97,7 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 128
     studies: tuple[str, ...] = STUDIES
+    equal_asr: tuple[str, ...] = ()
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +123,7 @@ _DATA_KEYS = {"dataset", "samples", "fit_samples", "fallback"}
 _MODEL_KEYS = {"epochs", "max_train", "width", "seed", "checkpoint", "factory", "factory_kwargs"}
 _ATTACK_KEYS = {"name", "label", "params", "samples"}
 _DETECTOR_KEYS = {"name", "label", "params", "train_attack", "train_params", "train_samples"}
-_STUDY_KEYS = {"attacks", "detectors"}
+_STUDY_KEYS = {"attacks", "detectors", "equal_asr"}
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -170,6 +175,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>") -> RunConfig
             for name, key in zip(STUDIES, ("attacks", "detectors"), strict=True)
             if check.boolean(studies, key, "studies.", default=True)
         ),
+        equal_asr=_equal_asr(check, studies, [a.label for a in attacks]),
         source=source,
     )
 
@@ -237,6 +243,19 @@ def _model(check: _Checker, model: Mapping[str, Any]) -> ModelSpec:
         factory=factory,
         factory_kwargs=dict(check.table(model, "factory_kwargs", required=False, prefix="model.")),
     )
+
+
+def _equal_asr(check: _Checker, studies: Mapping[str, Any], labels: list[str]) -> tuple[str, ...]:
+    chosen = studies.get("equal_asr", [])
+    if not isinstance(chosen, list) or not all(isinstance(label, str) for label in chosen):
+        raise check.fail("studies.equal_asr", "a list of attack labels", chosen)
+    unknown = [label for label in chosen if label not in labels]
+    if unknown:
+        raise ConfigError(
+            f"{check.source}: studies.equal_asr: {unknown} are not attack labels of this run; "
+            f"valid: {', '.join(labels)}"
+        )
+    return tuple(chosen)
 
 
 def _known_attack(check: _Checker, name: str, key: str) -> None:

@@ -164,9 +164,10 @@ def _attack_section(results: dict[str, Any], run: RunDirectory) -> str:
     if equal and equal.get("asr") is not None:
         lines += [
             "",
-            f"### At equal ASR ({fmt(equal['asr'])}, the highest every attack reaches; thesis Table 5.1)",
+            f"### At equal ASR ({fmt(equal['asr'])}, the highest all compared attacks reach; Table 5.1)",
             "",
-            "Mean norm of each attack's cheapest successes that make up this ASR.",
+            "Mean norm of each attack's cheapest successes that make up this ASR"
+            + (f"; not compared: {', '.join(equal['excluded'])}." if equal["excluded"] else "."),
             "",
             table(
                 ("attack", "L1", "L2", "Linf"),

@@ -106,7 +106,7 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
             for label, cell in attacks.items()
             if cell["status"] == "done"
         }
-        results["equal_asr"] = attack_study.equal_asr_table(attacks, arrays)
+        results["equal_asr"] = attack_study.equal_asr_table(attacks, arrays, config.equal_asr)
         results["warnings"] = results["checks"]["warnings"] + attack_study.attack_warnings(attacks)
     if "xaiadv:DetectorStudy" in config.studies and config.detectors:
         _detector_cells(config, model, data, sample, run_dir, base_key, attacks, device, progress, results)

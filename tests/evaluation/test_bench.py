@@ -23,7 +23,12 @@ EXPECTED = {
         "relevance pass, xaiadv fast rules",
     ],
     "xaiadv": ["relevance, one image at a time", "relevance, batched"],
-    "detector score": ["forward pass", "KNNScore.score (300 references)", "IDefender.score"],
+    "detector score": [
+        "forward pass",
+        "KNNScore.score (300 references)",
+        "IDefender.score",
+        "KNNScore.score, faiss backend (300 references)",  # faiss is in the `all` extra the tests install
+    ],
     "detector score (gradient)": ["gradient step", "SpatialEntropy.score"],
     "detector fit": [
         "forward pass over 300 uniform noise images",

@@ -42,7 +42,7 @@ def fast_demo(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
 
     def fast(config: RunConfig, **kwargs: object) -> run.RunResult:
         configs.append(config)
-        cut = dataclasses.replace(config, attacks=FAST_ATTACKS, detectors=(), model=TINY)
+        cut = dataclasses.replace(config, attacks=FAST_ATTACKS, detectors=(), model=TINY, equal_asr=())
         return run.run_evaluation(cut, **kwargs)
 
     monkeypatch.setattr(demo, "run_evaluation", fast)

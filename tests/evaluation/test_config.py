@@ -50,6 +50,12 @@ def test_the_demo_config_parses_with_its_documented_defaults() -> None:
     assert config.source == str(DEMO_CONFIG)
 
 
+def test_the_quick_config_parses() -> None:
+    config = load_config(DEMO_CONFIG.with_name("quick.toml"))
+    assert config.dataset == "digits" and config.output == "runs/quick"
+    assert [attack.name.partition(":")[0] for attack in config.attacks] == ["xaiadv", "art", "foolbox", "torchattacks"]
+
+
 def test_defaults_and_labels() -> None:
     config = parse_config(MINIMAL)
     assert config.attacks[0].label == "xaiadv:LRPGrad"
