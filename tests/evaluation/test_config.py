@@ -53,7 +53,12 @@ def test_the_demo_config_parses_with_its_documented_defaults() -> None:
 def test_the_quick_config_parses() -> None:
     config = load_config(DEMO_CONFIG.with_name("quick.toml"))
     assert config.dataset == "digits" and config.output == "runs/quick"
-    assert [attack.name.partition(":")[0] for attack in config.attacks] == ["xaiadv", "art", "foolbox", "torchattacks"]
+    assert [attack.name.partition(":")[0] for attack in config.attacks] == [
+        "xaiadv",
+        "art",
+        "foolbox",
+        "torchattacks",
+    ]
 
 
 def test_defaults_and_labels() -> None:
@@ -114,6 +119,11 @@ def test_studies_can_be_switched_off() -> None:
             r"model.factory: expected 'package.module:callable'",
         ),
         (_with("studies.attacks", "yes"), r"studies.attacks: expected true or false"),
+        (_with("studies.equal_asr", "LRP"), r"studies.equal_asr: expected a list of attack labels"),
+        (
+            _with("studies.equal_asr", ["nope"]),
+            r"studies.equal_asr: \['nope'\] are not attack labels of this run; valid: xaiadv:LRPGrad",
+        ),
         ({k: v for k, v in MINIMAL.items() if k != "data"}, r"cfg.toml: missing table \[data\]"),
         ({k: v for k, v in MINIMAL.items() if k != "attacks"}, r"cfg.toml: missing \[\[attacks\]\]"),
         ({k: v for k, v in MINIMAL.items() if k != "output"}, r"cfg.toml: missing key output"),
