@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 
 from xaiadv.evaluation import attack_study, run
 from xaiadv.evaluation.cli import main
@@ -251,3 +253,34 @@ def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[
     assert main(["list", "--source", "art"]) == 0
     art = capsys.readouterr().out.splitlines()
     assert "art:BinaryActivationDetector" in art and all(name.startswith("art:") for name in art)
+
+
+def test_a_users_checkpoint_and_factory_are_loaded(cache: Path, tmp_path: Path) -> None:
+    """model.checkpoint + model.factory: the user's state dict in the module their factory builds."""
+    from xaiadv.evaluation.models import reference_cnn
+
+    torch.manual_seed(1)
+    model = reference_cnn((1, 8, 8), 10, width=4)
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    body = CONFIG.replace(
+        "[model]\nepochs = 4\nmax_train = 800\n",
+        f'[model]\ncheckpoint = "{tmp_path / "weights.safetensors"}"\n'
+        'factory = "xaiadv.evaluation.models:reference_cnn"\n'
+        "factory_kwargs = { input_shape = [1, 8, 8], num_classes = 10, width = 4 }\n",
+    )
+    config = load_config(write_config(tmp_path, tmp_path / "out", body))
+    loaded = run.load_model(config, run.load_dataset("digits"), torch.device("cpu"))
+    assert loaded.description["kind"] == "checkpoint"
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model.eval()(x))
+    broken = body.replace("width = 4 }", "width = 8 }")  # weights that do not fit the module
+    with pytest.raises(ValueError, match=r"model.checkpoint: cannot load .*weights.safetensors"):
+        run.load_model(
+            load_config(write_config(tmp_path, tmp_path / "out", broken)), None, torch.device("cpu")
+        )
+    missing = body.replace("models:reference_cnn", "models:no_such_factory")
+    with pytest.raises(ValueError, match=r"model.factory: cannot import 'xaiadv.evaluation.models:no_such"):
+        run.load_model(
+            load_config(write_config(tmp_path, tmp_path / "out", missing)), None, torch.device("cpu")
+        )
