@@ -198,24 +198,43 @@ class _ARTDetector(EvasionDetector):
             raise ValueError(f"{type(self).__name__}: {error} (detectors need the same)") from None
 
     # --------------------------------------------------------------------------------------- fit/detect
-    def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, **kwargs: Any) -> None:
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int = 128,
+        *,
+        x_calibration: np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Fit on clean ``x`` (N, *input_shape) with true labels ``y`` ((N,) indices or (N, K) one-hot).
 
         A seeded share ``calibration_share`` of each class is held out; the plugin is fitted on the rest and
-        the threshold set on the held-out share at ``fpr``. Fitted: ``plugin_``, ``threshold_``.
+        the threshold set on the held-out share at ``fpr``. With ``x_calibration`` (clean inputs of another
+        split, e.g. held-out test images) the plugin is fitted on all of ``x`` and the threshold set on
+        ``x_calibration`` instead: images the network was trained on can score unlike unseen ones.
+        Fitted: ``plugin_``, ``threshold_``.
         """
         if kwargs:
             raise TypeError(f"fit() got unexpected keyword argument(s) {sorted(kwargs)}")
         batch_size = self._check_batch_size(batch_size)
         x_tensor = self._as_tensor(x)
         labels = check_labels(y, x_tensor.shape[0], self.classifier.nb_classes, torch.device("cpu")).numpy()
-        fit_rows, calibration_rows = self._split(labels)
-        plugin = self._make_plugin(batch_size)
         device = x_tensor.device
+        if x_calibration is None:
+            fit_rows, calibration_rows = self._split(labels)
+            x_fit = x_tensor[torch.as_tensor(fit_rows, device=device)]
+            y_fit = torch.as_tensor(labels[fit_rows], device=device)
+            x_held = x_tensor[torch.as_tensor(calibration_rows, device=device)]
+        else:
+            x_held = self._as_tensor(x_calibration, "x_calibration")
+            if x_held.shape[0] == 0:
+                raise ValueError("x_calibration: expected at least one clean sample to set the threshold on")
+            x_fit, y_fit = x_tensor, torch.as_tensor(labels, device=device)
+        plugin = self._make_plugin(batch_size)
         with eval_mode(self.classifier.model):
-            fit_index = torch.as_tensor(fit_rows, device=device)
-            plugin.fit(x_tensor[fit_index], torch.as_tensor(labels[fit_rows], device=device))
-            threshold = self._calibrate(plugin, x_tensor[torch.as_tensor(calibration_rows, device=device)])
+            plugin.fit(x_fit, y_fit)
+            threshold = self._calibrate(plugin, x_held)
         self.plugin_, self.threshold_ = plugin, threshold
 
     def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

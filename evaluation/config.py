@@ -81,6 +81,8 @@ class ModelSpec:
 class RunConfig:
     """Everything that determines a run; the same config and seed give the same results on CPU.
 
+    ``calibration_samples``: clean test images after the sample on which our detectors' thresholds are set
+    (none left: each detector holds out part of its fitting images instead).
     ``equal_asr``: the attack labels compared at equal ASR (thesis Table 5.1); empty means all of them. An
     attack that rarely succeeds would otherwise pull the common ASR down to where nothing is compared.
     """
@@ -93,6 +95,7 @@ class RunConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     fallback: str | None = None
     fit_samples: int = 10_000
+    calibration_samples: int = 1000
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 128
@@ -119,7 +122,7 @@ _TOP_KEYS = {
     "detectors",
     "studies",
 }
-_DATA_KEYS = {"dataset", "samples", "fit_samples", "fallback"}
+_DATA_KEYS = {"dataset", "samples", "fit_samples", "calibration_samples", "fallback"}
 _MODEL_KEYS = {"epochs", "max_train", "width", "seed", "checkpoint", "factory", "factory_kwargs"}
 _ATTACK_KEYS = {"name", "label", "params", "samples"}
 _DETECTOR_KEYS = {"name", "label", "params", "train_attack", "train_params", "train_samples"}
@@ -167,6 +170,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>") -> RunConfig
         model=_model(check, model),
         fallback=fallback,
         fit_samples=check.positive_int(data, "fit_samples", "data.", default=10_000),
+        calibration_samples=check.positive_int(data, "calibration_samples", "data.", default=1000),
         seed=check.natural_int(raw, "seed", "", default=0),
         device=check.choice(raw, "device", DEVICES, "", default="cpu"),
         batch_size=check.positive_int(raw, "batch_size", "", default=128),

@@ -1,13 +1,14 @@
 """The detector study (seeds 000, 002, 003): each detector against each attack's successful examples.
 
-Fitting on a seeded subset of the training split (our ART detectors hold out their own calibration share
-of it, so thresholds are set on clean data used neither for fitting nor for evaluation), evaluation on the
-test sample. Negatives are the initially correct clean test images, positives the successful adversarial
-examples of one attack (n stated per row). Per pair: ROC curve, AUC, TPR at FPR 1/5/10% (Amirian Table 1),
-EER accuracy (Carrara Table 2) and the operating point of the detector's own calibrated threshold (for
-I-defender with keep=0.95 / 0.99 that is ID-95 / ID-99). The "authentic errors" row scores the clean images
-the model misclassifies against the correct ones (Carrara). ART's BinaryInputDetector and
-BinaryActivationDetector are peers: trained on adversarial examples of one named attack.
+Fitting on a seeded subset of the training split, thresholds set on clean test images outside the
+evaluated sample (``calibration_samples``; our ART detectors' ``x_calibration``), evaluation on the
+sample: three disjoint sets. Negatives are the initially correct clean test images, positives the
+successful adversarial examples of one attack (n stated per row). Per pair: ROC curve, AUC, TPR at FPR
+1/5/10% (Amirian Table 1), EER accuracy (Carrara Table 2) and the operating point of the detector's own
+calibrated threshold (for I-defender with keep=0.95 / 0.99 that is ID-95 / ID-99). The "authentic errors"
+row scores the clean images the model misclassifies against the correct ones (Carrara). ART's
+BinaryInputDetector and BinaryActivationDetector are peers: trained on adversarial examples of one named
+attack.
 """
 
 from __future__ import annotations
@@ -59,14 +60,19 @@ def fit_detector(
     x_fit: np.ndarray,
     y_fit: np.ndarray,
     *,
+    x_calibration: np.ndarray | None = None,
     n_classes: int,
     batch_size: int,
     device: torch.device,
     seed: int,
 ) -> Detect:
-    """Fit one detector on clean training images; returns its scoring function."""
+    """Fit one detector on clean training images; returns its scoring function.
+
+    Ours set their threshold on ``x_calibration`` (clean images of another split) when given, else on a
+    held-out share of ``x_fit``; ART's peers decide by their own network's argmax.
+    """
     if spec.name.startswith("xaiadv:"):
-        return _fit_ours(spec, model, x_fit, y_fit, n_classes, batch_size, device)
+        return _fit_ours(spec, model, x_fit, y_fit, x_calibration, n_classes, batch_size, device)
     return _fit_peer(spec, model, x_fit, y_fit, n_classes, batch_size, device, seed)
 
 
@@ -75,6 +81,7 @@ def _fit_ours(
     model: nn.Module,
     x_fit: np.ndarray,
     y_fit: np.ndarray,
+    x_calibration: np.ndarray | None,
     n_classes: int,
     batch_size: int,
     device: torch.device,
@@ -83,7 +90,7 @@ def _fit_ours(
 
     classifier = art_classifier(model, x_fit.shape[1:], n_classes, device)
     detector = getattr(bridge_art, spec.name.partition(":")[2])(classifier, **spec.params)
-    detector.fit(x_fit, y_fit, batch_size=batch_size)
+    detector.fit(x_fit, y_fit, batch_size=batch_size, x_calibration=x_calibration)
 
     def detect(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         report, flags = detector.detect(x, batch_size=batch_size)

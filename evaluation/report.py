@@ -237,6 +237,8 @@ def _detector_section(results: dict[str, Any], run: RunDirectory) -> str:
             lines.append(f"Failed: {cell['error']}")
             continue
         fitted = f"Fitted on {cell['n_fit']} clean training images"
+        if cell.get("n_calibration"):
+            fitted += f", threshold set on {cell['n_calibration']} clean test images outside the sample"
         if cell.get("train_attack"):
             fitted = (
                 f"Trained on {cell['n_fit']} clean training images and their {cell['train_attack']} examples"

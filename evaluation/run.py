@@ -172,10 +172,15 @@ def _detector_cells(
     """Fit each detector on the training split and score the clean sample and every attack's successes."""
     done = [label for label, cell in attacks.items() if cell["status"] == "done"]
     x_fit, y_fit = _fit_split(data, config)
+    x_calibration = data.x_test[config.samples : config.samples + config.calibration_samples]
     n_classes = len(data.classes)
     for spec in tqdm(config.detectors, desc="detectors", disable=not progress):
         key = key_of(
-            base_key, dataclasses.asdict(spec), config.fit_samples, {a: attacks[a]["key"] for a in done}
+            base_key,
+            dataclasses.asdict(spec),
+            config.fit_samples,
+            len(x_calibration),
+            {a: attacks[a]["key"] for a in done},
         )
         cell = run_dir.finished_cell("detector", spec.label, key)
         if cell is None:
@@ -183,7 +188,15 @@ def _detector_cells(
             _seed(config.seed)
             try:
                 cell, arrays = _detector_cell(
-                    spec, model, x_fit, y_fit, n_classes, sample, run_dir, done, config, device
+                    spec,
+                    model,
+                    (x_fit, y_fit, x_calibration),
+                    n_classes,
+                    sample,
+                    run_dir,
+                    done,
+                    config,
+                    device,
                 )
                 run_dir.save_cell("detector", spec.label, {**cell, "key": key}, arrays)
             except Exception as error:  # a detector that raises fails its cell, not the run
@@ -202,8 +215,7 @@ def _detector_cells(
 def _detector_cell(
     spec: Any,
     model: nn.Module,
-    x_fit: np.ndarray,
-    y_fit: np.ndarray,
+    clean: tuple[np.ndarray, np.ndarray, np.ndarray],
     n_classes: int,
     sample: attack_study.Sample,
     run_dir: RunDirectory,
@@ -211,11 +223,13 @@ def _detector_cell(
     config: RunConfig,
     device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    x_fit, y_fit, x_calibration = clean
     detect = detector_study.fit_detector(
         spec,
         model,
         x_fit,
         y_fit,
+        x_calibration=x_calibration if len(x_calibration) else None,
         n_classes=n_classes,
         batch_size=config.batch_size,
         device=device,
@@ -250,6 +264,7 @@ def _detector_cell(
         "train_attack": spec.train_attack,
         "status": "done",
         "n_fit": min(spec.train_samples, len(x_fit)) if spec.train_attack else len(x_fit),
+        "n_calibration": None if spec.train_attack else len(x_calibration),
         "clean_fpr": float(clean_flags[correct].mean()) if correct.any() else None,
         "rows": rows,
     }

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from xaiadv.bridge.art_detectors import IDefender, KNNDetector, SpatialEntropyDetector, classifier_hash
+from xaiadv.plugins.calibration import threshold_at_fpr
 
 DETECTORS = (SpatialEntropyDetector, IDefender, KNNDetector)
 NAME = {cls: cls.__name__ for cls in DETECTORS}
@@ -145,6 +146,31 @@ def test_clean_false_positive_rate_on_unseen_digits(cls, fitted, data) -> None:
     np.testing.assert_array_equal(flagged, report["score"] > report["threshold"])
     fpr = float(flagged.mean())
     assert abs(fpr - 0.05) <= FPR_TOLERANCE, fpr
+
+
+@pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
+def test_a_separate_calibration_split_sets_the_threshold(cls, classifier, data) -> None:
+    """x_calibration: the plugin is fitted on all of x; the threshold comes from x_calibration alone."""
+    x_cal, x_eval = data["x_test"][:180], data["x_test"][180:]
+    detector = cls(classifier)
+    detector.fit(data["x_train"], data["y_train"], x_calibration=x_cal)
+    other_split = cls(classifier)
+    other_split.fit(data["x_train"], data["y_train"], x_calibration=x_eval)
+    scores = detector.detect(x_eval)[0]["score"]
+    np.testing.assert_array_equal(scores, other_split.detect(x_eval)[0]["score"])  # calibration only
+    if cls is not SpatialEntropyDetector:  # its score does not depend on the fitting data
+        held_out = cls(classifier)
+        held_out.fit(data["x_train"], data["y_train"])  # fitted on 80% of x: other scores
+        assert not np.array_equal(scores, held_out.detect(x_eval)[0]["score"])
+    if cls is not IDefender:  # one global threshold: the fpr-quantile of the calibration scores
+        scores = detector.detect(x_cal)[0]["score"]
+        assert detector.threshold_ == pytest.approx(threshold_at_fpr(scores, detector.fpr))
+    flagged = detector.detect(x_eval)[1]
+    assert abs(float(flagged.mean()) - 0.05) <= FPR_TOLERANCE + 0.02  # 180 calibration images only
+    with pytest.raises(ValueError, match=r"x_calibration must be shaped \(N, 1, 8, 8\)"):
+        cls(classifier).fit(data["x_train"], data["y_train"], x_calibration=x_cal[:, :, :4])
+    with pytest.raises(ValueError, match=r"x_calibration: expected at least one clean sample"):
+        cls(classifier).fit(data["x_train"], data["y_train"], x_calibration=x_cal[:0])
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "deepfool"])
