@@ -178,6 +178,7 @@ def _summarize_cell(
         "confidence": mean_confidence(probabilities, y, adversarial_prediction, successful),
         "seconds_per_image": seconds / max(len(y), 1),
         "curve": None if curve is None else curve.to_dict(),
+        "undefined": _undefined(sample.initially_correct, successful),
     }
     arrays = {
         "x_adv": x_adv.numpy(),
@@ -186,6 +187,16 @@ def _summarize_cell(
         **{f"norm_{name}": norms[name] for name in NORMS},
     }
     return cell, arrays
+
+
+def _undefined(initially_correct: np.ndarray, successful: np.ndarray) -> dict[str, str]:
+    """Why a figure of the cell is null (results.json has no NaN): metric -> reason."""
+    if not initially_correct.any():
+        reason = "no sample was classified correctly before the attack"
+        return {"asr": reason, "norms": reason, "confidence": reason}
+    if not successful.any():
+        return {"norms": "no sample succeeded", "confidence": "no sample succeeded"}
+    return {}
 
 
 def _check_attack_output(spec: AttackSpec, x: torch.Tensor, x_adv: torch.Tensor) -> None:

@@ -93,3 +93,17 @@ def test_zero_gradient_share_counts_samples_with_an_all_zero_gradient() -> None:
     sample = Sample(x, y, logits.argmax(1), attack_study.softmax(logits))
     assert sample.initially_correct.tolist() == [True, True, True, True]
     assert attack_study.zero_gradient_share(model, sample, 3, torch.device("cpu")) == 0.5
+
+
+def test_a_cell_says_why_its_figures_are_null(digits_cnn: nn.Module) -> None:
+    """An attack too weak to succeed: norms and confidences are null, with the reason."""
+    x = torch.zeros(3, 1, 8, 8)
+    logits = attack_study.predict(digits_cnn, x, 8, torch.device("cpu"))
+    sample = Sample(x, torch.as_tensor(logits.argmax(1)), logits.argmax(1), attack_study.softmax(logits))
+    spec = attack_study.AttackSpec("xaiadv:LRPGrad", "one tiny step", {"eps": 1e-6, "max_iter": 1})
+    cell, _ = attack_study.run_attack_cell(spec, digits_cnn, sample, batch_size=8, device=torch.device("cpu"))
+    assert cell["asr"] == 0.0 and cell["norms"]["L1"]["median"] is None
+    assert cell["undefined"] == {"norms": "no sample succeeded", "confidence": "no sample succeeded"}
+    wrong = Sample(x, (sample.y + 1) % 10, sample.prediction, sample.probabilities)
+    cell, _ = attack_study.run_attack_cell(spec, digits_cnn, wrong, batch_size=8, device=torch.device("cpu"))
+    assert cell["undefined"]["asr"] == "no sample was classified correctly before the attack"

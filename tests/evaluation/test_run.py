@@ -97,6 +97,7 @@ def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> Non
         assert cell["asr"] == pytest.approx(cell["n_success"] / cell["n_correct"])
         assert cell["asr"] >= 0.5, cell  # measured 0.86-0.92 on this model
         assert cell["norms"]["Linf"]["median"] <= 0.25 + 1e-6
+        assert cell["undefined"] == {}  # every figure defined
     report = finished.report.read_text()
     assert report.startswith("# xaiadv evaluation report\n\nStatus: **complete**")
     header = "| " + " | ".join(ATTACK_HEADER) + " |"
@@ -124,6 +125,7 @@ def test_iterative_curves_are_recorded_for_foolbox_and_torchattacks(finished: ru
 def test_detector_rows_per_attack_and_authentic_errors(finished: run.RunResult) -> None:
     cell = finished.results["detectors"]["kNN"]
     assert cell["status"] == "done" and cell["n_fit"] == 400
+    assert cell["n_calibration"] == 450 - 40  # digits' test images after the sample set the threshold
     assert set(cell["rows"]) == {"authentic errors", "LRP-grad", "PGD (torchattacks)", "PGD (Foolbox)"}
     for label, row in cell["rows"].items():
         if label == "authentic errors":
