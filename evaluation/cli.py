@@ -25,6 +25,22 @@ if TYPE_CHECKING:
     from .run import RunResult
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for the examples' counts: an int > 0, refused before any work otherwise."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for the examples' steps and budgets: a finite number > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table; floats with 4 significant digits, NaN as 'n/a'."""
 

@@ -96,6 +96,7 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
         "detectors": {},
     }
     run_dir.write_json(run_dir.results, results)
+    run_dir.write_json(run_dir.root / "environment.json", results["environment"])
     run_dir.save_arrays(
         "sample", "sample", {"x": sample.x.numpy(), "y": sample.y.numpy(), "prediction": sample.prediction}
     )

@@ -33,7 +33,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
 from xaiadv.bridge.art import IDefender, KNNDetector, LRPGrad, SpatialEntropyDetector
-from xaiadv.evaluation.cli import format_table
+from xaiadv.evaluation.cli import format_table, positive_float, positive_int
 from xaiadv.evaluation.data import Dataset, load_dataset
 from xaiadv.evaluation.metrics import attack_success_rate, perturbation_norms
 from xaiadv.evaluation.models import TrainConfig, train_reference_model
@@ -43,22 +43,6 @@ FGSM_EPS = 0.15
 #: Epochs and learning rate of ART's BinaryInputDetector network, and of the adversarial training.
 DETECTOR_EPOCHS = 10
 LEARNING_RATE = 1e-3
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -14,19 +14,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from xaiadv.evaluation.cli import positive_int
 from xaiadv.evaluation.config import parse_config
 from xaiadv.evaluation.report import summary_table
 from xaiadv.evaluation.run import run_evaluation
 
 STEP = 1 / 256  # one 8-bit level: the thesis's step
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer > 0, refused before any work otherwise."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value}")
-    return value
 
 
 def build_config(args: argparse.Namespace) -> dict:

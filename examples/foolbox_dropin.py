@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from xaiadv.bridge.foolbox import LRPGrad
-from xaiadv.evaluation.cli import format_table
+from xaiadv.evaluation.cli import format_table, positive_float, positive_int
 from xaiadv.evaluation.data import Dataset, load_dataset
 from xaiadv.evaluation.models import TrainConfig, train_reference_model
 
@@ -36,22 +36,6 @@ from xaiadv.evaluation.models import TrainConfig, train_reference_model
 #: 784 for Fashion-MNIST); Linf does not.
 L1_EPSILONS = {"digits": [1.0, 2.0, 4.0, 8.0, 16.0], "fashion_mnist": [5.0, 10.0, 20.0, 40.0, 80.0]}
 LINF_EPSILONS = [0.02, 0.05, 0.1, 0.2]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from xaiadv.evaluation.cli import main
 from xaiadv.evaluation.config import load_config
 from xaiadv.evaluation.report import ATTACK_HEADER, render_report
 from xaiadv.evaluation.run import run_evaluation
+from xaiadv.evaluation.rundir import slug
 
 STEPS = 5
 CONFIG = f"""
@@ -90,6 +91,11 @@ def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> Non
     results = json.loads((finished.directory / "results.json").read_text())
     assert results == json.loads(json.dumps(finished.results))
     assert results["complete"] is True and results["schema_version"] == 1
+    environment = json.loads((finished.directory / "environment.json").read_text())
+    assert environment == results["environment"] and environment["seed"] == 0
+    assert environment["packages"]["torch"] and environment["device"] == "cpu"
+    assert json.loads((finished.directory / "config.json").read_text())["attacks"][0]["label"] == "LRP-grad"
+    assert len(np.load(finished.directory / "arrays" / f"attack-{slug('LRP-grad')}.npz")["x_adv"]) == 40
     assert set(results["attacks"]) == {"LRP-grad", "PGD (torchattacks)", "PGD (Foolbox)"}
     for cell in results["attacks"].values():
         assert cell["status"] == "done"
