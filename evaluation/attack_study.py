@@ -31,6 +31,7 @@ from .metrics import (
     mean_confidence,
     norm_summary,
     perturbation_norms,
+    successes_needed,
 )
 
 logger = logging.getLogger(__name__)
@@ -269,8 +270,11 @@ def equal_asr_table(
         arrays = norm_arrays[label]
         successful = arrays["successful"]
         rows[label] = {
-            name: cheapest_share_mean(arrays[f"norm_{name}"][successful], cell["n_correct"], common)
-            for name in ("L1", "L2", "Linf")
+            "n": successes_needed(cell["n_correct"], common),
+            **{
+                name: cheapest_share_mean(arrays[f"norm_{name}"][successful], cell["n_correct"], common)
+                for name in ("L1", "L2", "Linf")
+            },
         }
     return {"asr": common, "rows": rows, "excluded": excluded}
 

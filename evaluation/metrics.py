@@ -144,6 +144,11 @@ def norm_summary(values: np.ndarray) -> dict[str, float | int | None]:
     }
 
 
+def successes_needed(n_correct: int, asr: float) -> int:
+    """How many successes make up ``asr`` of ``n_correct`` samples: ceil(asr * n_correct), float-safe."""
+    return math.ceil(float(asr) * int(n_correct) - 1e-9)  # 1e-9: asr = 3/7 of 7 needs 3, not 4
+
+
 def cheapest_share_mean(norms_of_successes: np.ndarray, n_correct: int, asr: float) -> float | None:
     """Mean of the ceil(asr * n_correct) smallest norms among the successes (thesis Table 5.1, equal ASR).
 
@@ -162,7 +167,7 @@ def cheapest_share_mean(norms_of_successes: np.ndarray, n_correct: int, asr: flo
         or not 0.0 <= float(asr) <= 1.0
     ):
         raise ValueError(f"asr must be a number in [0, 1]; got {asr!r}")
-    needed = math.ceil(float(asr) * int(n_correct) - 1e-9)  # 1e-9: asr = 3/7 of 7 needs 3, not 4
+    needed = successes_needed(n_correct, asr)
     if needed <= 0 or needed > norms.size:
         return None
     return float(np.sort(norms)[:needed].mean())

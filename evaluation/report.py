@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import figures
-from .rundir import RunDirectory
+from .rundir import SCHEMA_VERSION, RunDirectory
 
 NORMS = ("L0", "L1", "L2", "Linf")
 EXAMPLES = 4
@@ -31,6 +31,11 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"RUN_DIR: {path} is not valid JSON ({error})") from error
     if not isinstance(results, dict) or "schema_version" not in results:
         raise ValueError(f"RUN_DIR: {path} is not an xaiadv results file")
+    if results["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"RUN_DIR: {path} has schema version {results['schema_version']!r}; this xaiadv reads "
+            f"{SCHEMA_VERSION}: run the config again to rewrite it"
+        )
     return results
 
 
@@ -106,7 +111,13 @@ def render_report(run_dir: str | Path) -> Path:
     run = RunDirectory(run_dir)
     results = load_results(run.root)
     run.figures.mkdir(exist_ok=True)
-    sections = [_header(results), _attack_section(results, run), _detector_section(results, run)]
+    try:
+        sections = [_header(results), _attack_section(results, run), _detector_section(results, run)]
+    except (KeyError, TypeError, OSError) as error:
+        raise ValueError(
+            f"RUN_DIR: {run.results} or its arrays are incomplete or damaged ({type(error).__name__}: "
+            f"{error}); run the config again to rewrite them"
+        ) from error
     run.write_text(run.report, "\n\n".join(section for section in sections if section) + "\n")
     return run.report
 
@@ -166,12 +177,15 @@ def _attack_section(results: dict[str, Any], run: RunDirectory) -> str:
             "",
             f"### At equal ASR ({fmt(equal['asr'])}, the highest all compared attacks reach; Table 5.1)",
             "",
-            "Mean norm of each attack's cheapest successes that make up this ASR"
+            "Mean norm of each attack's n cheapest successes that make up this ASR"
             + (f"; not compared: {', '.join(equal['excluded'])}." if equal["excluded"] else "."),
             "",
             table(
-                ("attack", "L1", "L2", "Linf"),
-                [[label, row["L1"], row["L2"], row["Linf"]] for label, row in equal["rows"].items()],
+                ("attack", "n", "L1", "L2", "Linf"),
+                [
+                    [label, row.get("n"), row["L1"], row["L2"], row["Linf"]]
+                    for label, row in equal["rows"].items()
+                ],
             ),
         ]
     lines += _attack_figures(attacks, run)

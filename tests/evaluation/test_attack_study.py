@@ -46,13 +46,14 @@ def test_equal_asr_takes_each_attacks_cheapest_successes_at_the_lowest_asr() -> 
     assert table["asr"] == 0.25  # C's; D never succeeded and is excluded
     assert table["excluded"] == ["D"]
     # 0.25 of 4 correct = 1 success: the smallest L1 of each attack's successes
-    assert table["rows"]["A"] == {"L1": 1.0, "L2": 0.5, "Linf": 0.25}
+    assert table["rows"]["A"] == {"n": 1, "L1": 1.0, "L2": 0.5, "Linf": 0.25}
     assert table["rows"]["B"]["L1"] == 7.0 and table["rows"]["C"]["L1"] == 0.5
 
 
 def test_equal_asr_over_a_chosen_subset() -> None:
     table = equal_asr_table(CELLS, ARRAYS, ("A", "B"))
     assert table["asr"] == 0.5 and table["excluded"] == ["C", "D"]
+    assert table["rows"]["A"]["n"] == table["rows"]["B"]["n"] == 2
     assert table["rows"]["A"]["L1"] == pytest.approx(1.5)  # mean of 1 and 2
     assert table["rows"]["B"]["L1"] == pytest.approx(8.0)  # mean of 7 and 9
 

@@ -571,3 +571,12 @@ def test_mean_confidence_rejects_bad_input(argument: str, value: np.ndarray, mes
     arguments[argument] = value
     with pytest.raises(ValueError, match=message):
         mean_confidence(**arguments)
+
+
+def test_successes_needed_is_the_float_safe_ceiling() -> None:
+    from xaiadv.evaluation.metrics import successes_needed
+
+    assert successes_needed(10, 0.1 * 3) == 3  # 0.1 * 3 * 10 = 3.0000000000000004
+    assert successes_needed(7, 3 / 7) == 3
+    assert successes_needed(7, 0.5) == 4
+    assert successes_needed(4, 0.0) == 0

@@ -292,3 +292,16 @@ def test_a_users_checkpoint_and_factory_are_loaded(cache: Path, tmp_path: Path) 
         run.load_model(
             load_config(write_config(tmp_path, tmp_path / "out", missing)), None, torch.device("cpu")
         )
+
+
+def test_report_refuses_another_schema_and_damaged_results(finished: run.RunResult, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished.directory, copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "schema_version": 99}))
+    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 1: run the config again"):
+        render_report(copy)
+    del results["attacks"]["LRP-grad"]["norms"]
+    (copy / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"results.json or its arrays are incomplete or damaged \(KeyError"):
+        render_report(copy)
