@@ -112,7 +112,8 @@ def plot_examples(
     labels: Mapping[str, Sequence[str]] | None = None,
     title: str = "",
 ) -> Path:
-    """Original, perturbation and adversarial image of the first ``n`` samples, one row block per attack.
+    """The first ``n`` samples: their originals on top, then one row per attack with each sample's
+    perturbation and adversarial image side by side (a compact grid even for a dozen attacks).
 
     Images are (N, C, H, W) in [0, 1] with C = 1 (gray) or 3 (RGB); every adversarial batch has the
     original's shape. The perturbation x_adv - x is drawn with a diverging colormap symmetric around 0,
@@ -136,27 +137,28 @@ def plot_examples(
     n = int(n)
     titles = _check_labels(labels, batches, n)
 
-    figure = _figure((1.4 * n + 1.8, 4.2 * len(batches) + 0.4))
-    grid = figure.subplots(3 * len(batches), n, squeeze=False)
-    for block, (label, images) in enumerate(batches.items()):
-        rows = grid[3 * block : 3 * block + 3]
+    figure = _figure((2.6 * n + 2.2, 1.45 * (len(batches) + 1) + 0.5))
+    grid = figure.subplots(len(batches) + 1, 2 * n, squeeze=False)
+    for column in range(n):
+        _show_image(grid[0, 2 * column], x[column])
+        grid[0, 2 * column].set_title(f"sample {column}", fontsize="small")
+        grid[0, 2 * column + 1].set_axis_off()
+    grid[0, 0].set_ylabel("original", fontsize="small")
+    for row, (label, images) in enumerate(batches.items(), start=1):
         delta = (images[:n] - x[:n]).mean(axis=1)
         limit = float(np.abs(delta).max()) or 1.0  # an untouched batch still gets a valid scale
         for column in range(n):
-            _show_image(rows[0, column], x[column])
-            shown = rows[1, column].imshow(
+            shown = grid[row, 2 * column].imshow(
                 delta[column], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
             )
-            _show_image(rows[2, column], images[column])
+            _show_image(grid[row, 2 * column + 1], images[column])
             if label in titles:
-                rows[0, column].set_title(titles[label][column], fontsize="small")
-        for row, name in zip(rows[:, 0], ("original", "perturbation", "adversarial"), strict=True):
-            row.set_ylabel(f"{label}\n{name}" if name == "original" else name, fontsize="small")
-        for axes in rows.ravel():
-            axes.set_xticks([])
-            axes.set_yticks([])
-        # Attached to the whole block, so all three rows keep one width; shrunk to sit beside the middle row.
-        figure.colorbar(shown, ax=list(rows.ravel()), shrink=0.3, label="x_adv - x")
+                grid[row, 2 * column + 1].set_title(titles[label][column], fontsize="x-small")
+        grid[row, 0].set_ylabel(label, fontsize="small")
+        figure.colorbar(shown, ax=list(grid[row]), shrink=0.8, pad=0.01, label="x_adv - x")
+    for axes in grid.ravel():
+        axes.set_xticks([])
+        axes.set_yticks([])
     if title:
         figure.suptitle(title)
     return _save(figure, target)

@@ -286,12 +286,12 @@ def test_roc_bad_input_raises_before_writing(
 
 
 def test_examples_grid_grows_with_attacks_and_samples(rng: np.random.Generator, tmp_path: Path) -> None:
-    """One row block per attack (taller), one column per sample (wider)."""
+    """One row per attack below the originals (taller), two columns per sample (wider)."""
     original, adversarial = _images(rng)
     one = _read_png(plot_examples(original, {"A": adversarial["IFGSM"]}, tmp_path / "one.png", n=2))
     two = _read_png(plot_examples(original, adversarial, tmp_path / "two.png", n=2))
     wide = _read_png(plot_examples(original, adversarial, tmp_path / "wide.png", n=5))
-    assert two.shape[0] > 1.5 * one.shape[0]
+    assert two.shape[0] > 1.25 * one.shape[0]  # 3 rows of images against 2
     assert wide.shape[0] == two.shape[0]
     assert wide.shape[1] > two.shape[1]
 
