@@ -9,12 +9,11 @@ the current directory, like any command-line tool. ``evaluation/demo.toml`` is t
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .data import DATASETS
 
