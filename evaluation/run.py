@@ -31,6 +31,7 @@ from . import attack_study, detector_study
 from .config import RunConfig
 from .data import Dataset, DatasetNotFoundError, load_dataset
 from .models import TrainConfig, load_or_train
+from .report import render_report
 from .rundir import SCHEMA_VERSION, RunDirectory, key_of, to_json
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,6 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
         _detector_cells(config, model, data, sample, run_dir, base_key, attacks, device, progress, results)
     results["complete"] = True
     run_dir.write_json(run_dir.results, results)
-    from .report import render_report
-
     render_report(run_dir.root)
     return RunResult(run_dir.root, to_json(results))
 
