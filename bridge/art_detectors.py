@@ -100,7 +100,8 @@ def _canonical(value: object) -> str:
 class _ARTDetector(EvasionDetector):
     """Shared body: configuration, split, calibration, detect, save and load; subclasses name the plugin."""
 
-    #: The plugin's parameters this adapter exposes, with their defaults.
+    #: The plugin detector this adapter wraps, and the parameters of it the adapter exposes (with defaults).
+    plugin_class: ClassVar[type]
     plugin_params: ClassVar[dict[str, Any]]
     #: The adapter's own parameters, with their defaults.
     calibration_params: ClassVar[dict[str, Any]] = {
@@ -379,9 +380,14 @@ class _ARTDetector(EvasionDetector):
     def _restore(self, arrays: dict[str, np.ndarray], fitted: dict[str, Any], threshold: Any) -> None:
         """Each detector class defines it."""
 
-    @abc.abstractmethod
     def _make_plugin(self, batch_size: int) -> Any:
-        """Each detector class defines it."""
+        """The unfitted plugin with this adapter's parameters and the classifier's preprocessing."""
+        return self.plugin_class(
+            self.classifier.model,
+            **self._plugin_kwargs(),
+            batch_size=batch_size,
+            preprocessing=self._preprocessing(),
+        )
 
     def _plugin_kwargs(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.plugin_params}
@@ -402,16 +408,9 @@ class SpatialEntropyDetector(_ARTDetector):
     calibration_share, random_state. Saved state: the clean-score statistics and the threshold.
     """
 
+    plugin_class = plugin_detectors.SpatialEntropy
     plugin_params: ClassVar[dict[str, Any]] = {"layer": None, "target": "activations", "patch": 3}
     defence_params: ClassVar[list[str]] = _defence_params(plugin_params)
-
-    def _make_plugin(self, batch_size: int) -> Any:
-        return plugin_detectors.SpatialEntropy(
-            self.classifier.model,
-            **self._plugin_kwargs(),
-            batch_size=batch_size,
-            preprocessing=self._preprocessing(),
-        )
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         plugin = self.plugin_
@@ -439,6 +438,7 @@ class KNNDetector(_ARTDetector):
     threshold.
     """
 
+    plugin_class = plugin_detectors.KNNScore
     plugin_params: ClassVar[dict[str, Any]] = {
         "layer": None,
         "k": 10,
@@ -449,14 +449,6 @@ class KNNDetector(_ARTDetector):
         "backend": "torch",
     }
     defence_params: ClassVar[list[str]] = _defence_params(plugin_params)
-
-    def _make_plugin(self, batch_size: int) -> Any:
-        return plugin_detectors.KNNScore(
-            self.classifier.model,
-            **self._plugin_kwargs(),
-            batch_size=batch_size,
-            preprocessing=self._preprocessing(),
-        )
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         plugin = self.plugin_
@@ -507,6 +499,7 @@ class IDefender(_ARTDetector):
     n_iter_, lower_bound_; kept_features_ and thresholds_), restored by ``IDefender.from_state``.
     """
 
+    plugin_class = plugin_detectors.IDefender
     plugin_params: ClassVar[dict[str, Any]] = {
         "layer": None,
         "n_components": 5,
@@ -529,17 +522,13 @@ class IDefender(_ARTDetector):
         """The share of clean samples kept per class: ``keep``, or ``1 - fpr`` when keep is None."""
         return 1.0 - float(self.fpr) if self.keep is None else float(self.keep)
 
-    def _make_plugin(self, batch_size: int) -> Any:
-        kwargs = self._plugin_kwargs()
-        kwargs["keep"] = 1.0 - float(check_fpr(self.fpr)) if self.keep is None else self.keep
-        return plugin_detectors.IDefender(
-            self.classifier.model,
-            **kwargs,
-            calibration="train",  # the adapter holds out the calibration share itself
-            batch_size=batch_size,
-            preprocessing=self._preprocessing(),
-            random_state=self.random_state,
-        )
+    def _plugin_kwargs(self) -> dict[str, Any]:
+        return {
+            **super()._plugin_kwargs(),
+            "keep": 1.0 - float(check_fpr(self.fpr)) if self.keep is None else self.keep,
+            "calibration": "train",  # the adapter sets the thresholds itself, on its own calibration data
+            "random_state": self.random_state,
+        }
 
     def _calibrate(self, plugin: Any, x_calibration: torch.Tensor) -> Any:
         plugin.calibrate(x_calibration, keep=self.keep_)
