@@ -19,7 +19,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -157,6 +157,12 @@ class Dataset:
             f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
             f"input_shape={self.input_shape}, classes={len(self.classes)})"
         )
+
+
+def training_subset(data: Dataset, n: int, seed: int) -> Dataset:
+    """``data`` with a seeded random subset of at most ``n`` training images, kept in their original order."""
+    keep = np.sort(np.random.default_rng(seed).permutation(len(data.x_train))[:n])
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def _describe(a: object) -> str:

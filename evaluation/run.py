@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import attack_study, detector_study
 from .config import RunConfig
-from .data import Dataset, DatasetNotFoundError, load_dataset
+from .data import Dataset, DatasetNotFoundError, load_dataset, training_subset
 from .models import TrainConfig, load_or_train
 from .report import render_report
 from .rundir import SCHEMA_VERSION, RunDirectory, key_of, to_json
@@ -171,7 +171,8 @@ def _detector_cells(
 ) -> None:
     """Fit each detector on the training split and score the clean sample and every attack's successes."""
     done = [label for label, cell in attacks.items() if cell["status"] == "done"]
-    x_fit, y_fit = _fit_split(data, config)
+    fit = training_subset(data, config.fit_samples, config.seed)
+    x_fit, y_fit = fit.x_train, fit.y_train
     x_calibration = data.x_test[config.samples : config.samples + config.calibration_samples]
     n_classes = len(data.classes)
     for spec in tqdm(config.detectors, desc="detectors", disable=not progress):
@@ -269,13 +270,6 @@ def _detector_cell(
         "rows": rows,
     }
     return cell, arrays
-
-
-def _fit_split(data: Dataset, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded subset of ``fit_samples`` training images (all when there are fewer)."""
-    order = np.random.default_rng(config.seed).permutation(len(data.x_train))[: config.fit_samples]
-    order.sort()
-    return data.x_train[order], data.y_train[order]
 
 
 def _device(name: str) -> torch.device:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -34,7 +33,7 @@ from torch import nn
 
 from xaiadv.bridge.art import IDefender, KNNDetector, LRPGrad, SpatialEntropyDetector
 from xaiadv.evaluation.cli import format_table, positive_float, positive_int
-from xaiadv.evaluation.data import Dataset, load_dataset
+from xaiadv.evaluation.data import Dataset, load_dataset, training_subset
 from xaiadv.evaluation.metrics import attack_success_rate, perturbation_norms
 from xaiadv.evaluation.models import TrainConfig, train_reference_model
 
@@ -80,12 +79,6 @@ def seeded(seed: int) -> Iterator[None]:
             yield
         finally:
             np.random.set_state(state)
-
-
-def training_subset(data: Dataset, n: int, seed: int) -> Dataset:
-    """``data`` with a seeded random subset of at most ``n`` training images."""
-    keep = np.sort(np.random.default_rng(seed).permutation(len(data.x_train))[:n])
-    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def art_classifier(model: nn.Module, data: Dataset, *, trainable: bool = False) -> PyTorchClassifier:

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
 import foolbox as fb
-import numpy as np
 import torch
 
 from xaiadv.bridge.foolbox import LRPGrad
 from xaiadv.evaluation.cli import format_table, positive_float, positive_int
-from xaiadv.evaluation.data import Dataset, load_dataset
+from xaiadv.evaluation.data import load_dataset, training_subset
 from xaiadv.evaluation.models import TrainConfig, train_reference_model
 
 #: Default epsilons per data set, in [0, 1] pixel units: L1 grows with the number of pixels (64 for digits,
@@ -68,12 +66,6 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def training_subset(data: Dataset, n: int, seed: int) -> Dataset:
-    """``data`` with a seeded random subset of at most ``n`` training images."""
-    keep = np.sort(np.random.default_rng(seed).permutation(len(data.x_train))[:n])
-    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 def success_table(

@@ -380,3 +380,19 @@ def test_debian_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(np.bincount(ds.y_train), np.full(10, 6000))
     np.testing.assert_array_equal(np.bincount(ds.y_test), np.full(10, 1000))
     assert ds.classes[9] == "Ankle boot"
+
+
+def test_training_subset_is_seeded_ordered_and_leaves_the_test_split() -> None:
+    from xaiadv.evaluation.data import training_subset
+
+    data = load_dataset("digits")
+    subset = training_subset(data, 100, seed=3)
+    assert len(subset.x_train) == len(subset.y_train) == 100
+    assert np.array_equal(subset.x_test, data.x_test) and np.array_equal(subset.y_test, data.y_test)
+    keep = np.sort(np.random.default_rng(3).permutation(len(data.x_train))[:100])
+    assert np.array_equal(subset.x_train, data.x_train[keep]) and np.array_equal(
+        subset.y_train, data.y_train[keep]
+    )
+    assert np.array_equal(training_subset(data, 100, seed=3).y_train, subset.y_train)
+    assert not np.array_equal(training_subset(data, 100, seed=4).y_train, subset.y_train)
+    assert len(training_subset(data, 10**6, seed=0).x_train) == len(data.x_train)
