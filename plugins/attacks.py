@@ -389,23 +389,24 @@ def run_attack(
         return _empty_result(x, config)
     x_orig = x.detach().clamp(low, high)  # a copy; absorbs the rounding check_inputs tolerates
     with relevance.attached(x_orig):
-        clean_logits = _clean_logits(relevance, x_orig)
+        pending = [_clean_forward(relevance, x_orig)]  # the first iteration takes it, so its graph is freed
+        clean_logits = pending[0][1].detach()
         prediction = clean_logits.argmax(1)
         labels = prediction if y is None else check_labels(y, x.shape[0], clean_logits.shape[1], x.device)
         original = prediction if config.targeted else labels
-        return _iterate(pattern, relevance, x_orig, labels, original, (low, high), n_batch, config)
+        return _iterate(pattern, relevance, x_orig, labels, original, (low, high), n_batch, config, pending)
 
 
-def _clean_logits(relevance: Relevance, x: torch.Tensor) -> torch.Tensor:
-    """Logits of the clean batch; a shape the model cannot take becomes a ValueError naming x."""
+def _clean_forward(relevance: Relevance, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hooked forward of the clean batch, (z, logits), which is also the first iteration's forward;
+    a shape the model cannot take becomes a ValueError naming x."""
     try:
-        with torch.no_grad():
-            logits = relevance.model(relevance.normalize(x).to(relevance.param_dtype))
+        z, logits = relevance.forward(x)
     except RuntimeError as error:
         raise ValueError(f"x has shape {tuple(x.shape)}, which the model cannot take: {error}") from error
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits shaped (N, classes); got {tuple(logits.shape)}")
-    return logits
+    return z, logits
 
 
 def _iterate(
@@ -417,7 +418,10 @@ def _iterate(
     bounds: tuple[float, float],
     n_batch: int,
     config: AttackConfig,
+    pending: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> AttackResult:
+    """Algorithm 2's loop. ``pending`` holds the forward of x_orig, which the first iteration takes as its
+    own: the clean batch is not run through the model twice."""
     n_samples, device = x_orig.shape[0], x_orig.device
     x_adv = x_orig.clone()
     active = torch.ones(n_samples, dtype=torch.bool, device=device)
@@ -433,7 +437,7 @@ def _iterate(
         rows = _rows(active)
         if isinstance(rows, torch.Tensor) and rows.numel() == 0:
             break
-        z, logits = relevance.forward(x_adv[rows])
+        z, logits = pending.pop() if pending else relevance.forward(x_adv[rows])
         success = _is_success(logits.detach(), labels[rows], config.targeted)
         if tracer is not None:
             tracer.update(rows, logits, original[rows], success, x_adv[rows] - x_orig[rows])

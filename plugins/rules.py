@@ -43,12 +43,45 @@ def _layer_forward(
 def _layer_transpose(
     module: Layer, input_shape: torch.Size, weight: torch.Tensor, signal: torch.Tensor
 ) -> torch.Tensor:
-    """The input-gradient of the layer with ``weight``: W^T signal (a transposed convolution for Conv2d)."""
+    """The input-gradient of the layer with ``weight``: W^T signal (a transposed convolution for Conv2d).
+
+    For the common stride-1, ungrouped convolution the transposed convolution is computed as a forward
+    convolution with the kernel flipped and its channel axes swapped, padded by d (k - 1) - p: the same
+    numbers, but oneDNN's forward kernels run it 10-40% faster than its backward-data kernels.
+    """
     if isinstance(module, nn.Linear):
         return signal @ weight
+    padding = _symmetric_padding(module)
+    if padding is None:  # "same" padding that is uneven on the two sides: let autograd transpose it
+        return _transpose_by_autograd(module, input_shape, weight, signal)
+    flipped_padding = tuple(d * (k - 1) - p for d, k, p in zip(module.dilation, module.kernel_size, padding, strict=True))
+    if module.groups == 1 and set(module.stride) == {1} and min(flipped_padding) >= 0:
+        kernel = weight.flip(2, 3).transpose(0, 1).contiguous()
+        return F.conv2d(signal, kernel, None, 1, flipped_padding, module.dilation, 1)
     return torch.nn.grad.conv2d_input(
-        input_shape, weight, signal, module.stride, module.padding, module.dilation, module.groups
+        input_shape, weight, signal, module.stride, padding, module.dilation, module.groups
     )
+
+
+def _symmetric_padding(module: nn.Conv2d) -> tuple[int, ...] | None:
+    """The layer's padding per side as integers ("valid" is 0, "same" half of d (k - 1)), or None where
+    "same" pads the two sides of a dimension unevenly."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+    return tuple(total // 2 for total in totals) if all(total % 2 == 0 for total in totals) else None
+
+
+def _transpose_by_autograd(
+    module: nn.Conv2d, input_shape: torch.Size, weight: torch.Tensor, signal: torch.Tensor
+) -> torch.Tensor:
+    with torch.enable_grad():
+        probe = torch.zeros(input_shape, dtype=signal.dtype, device=signal.device, requires_grad=True)
+        output = _layer_forward(module, probe, weight.detach(), None)
+        (gradient,) = torch.autograd.grad(output, probe, signal)
+    return gradient
 
 
 def _positive_bias(module: Layer) -> torch.Tensor | None:
@@ -214,45 +247,84 @@ class FastFlat(FastRule):
             self._denominator[key] = (
                 _layer_forward(module, torch.ones_like(x[:1]), ones, None) + self.stabilizer
             )
-        signal = relevance_out / self._denominator[key]
+        denominator = self._denominator[key]
         if getattr(module, "groups", 1) != 1:
-            return _layer_transpose(module, x.shape, ones, signal)
-        # All kernels are equal: summing the output channels first gives every input channel the same
-        # relevance at a 1/out_channels of the cost.
-        summed = signal.sum(1, keepdim=True)
+            return _layer_transpose(module, x.shape, ones, relevance_out / denominator)
+        # Ungrouped, every output channel has the same kernel of ones and so the same z_flat: summing the
+        # output channels first and dividing once gives every input channel the same relevance at
+        # 1/out_channels of the cost.
+        summed = relevance_out.sum(1, keepdim=True).div_(denominator[:, :1])
         single_channel = (x.shape[0], 1, *x.shape[2:])
         return _layer_transpose(module, single_channel, ones[:1, :1], summed).expand_as(x).contiguous()
 
 
+class _PassNode(torch.autograd.Function):
+    """Identity on a ReLU's output whose backward passes relevance through unchanged (Zennit's Pass rule,
+    hook active) or gates the true gradient with ReLU's own kernel, threshold_backward (hook inactive)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, output: list[torch.Tensor], hook: FastReLUPass) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.hook = hook
+        return output[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.hook.active:
+            return grad_output, None, None
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad_output, x, 0.0), None, None
+
+
+class FastReLUPass(Hook):
+    """Zennit's Pass rule for a ReLU module without its copies: the relevance pass skips the ReLU's gate.
+
+    The gate would change nothing (a unit it closes has output 0, so the layer above gave it relevance
+    x * (...) = 0); skipping it saves one kernel per ReLU per relevance pass. An in-place ReLU has already
+    overwritten its input, so it keeps autograd's own gating, which gives the same relevance.
+    """
+
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._route)])
+
+    def _route(
+        self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = input[0]
+        if not x.requires_grad or getattr(module, "inplace", False):
+            return output
+        return _PassNode.apply(x, [output.detach()], self)
+
+    def copy(self) -> FastReLUPass:
+        return FastReLUPass()
+
+
 FAST_LAYERS = (nn.Conv2d, nn.Linear)
 
-#: ReLU modules get no hook: Zennit's Pass rule ignores the ReLU's gate, but every unit the gate closes
-#: has output 0, so the layer above already gave it relevance x * (...) = 0 and autograd's gating
-#: changes nothing. Skipping the hook saves a copy of every activation map per forward.
-_UNHOOKED_RELU = (nn.ReLU, None)
+_RELU_PASS = (nn.ReLU, FastReLUPass())
 
 #: name -> factory of the stock Zennit composite with the fast rules plugged in for Conv2d and Linear.
 #: Prepended layer maps take precedence over the composite's own; other layer types keep the stock rules.
 FAST_COMPOSITES: dict[str, Callable[..., Composite]] = {
     "epsilon_plus_flat": lambda canonizers, box: EpsilonPlusFlat(
-        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
+        layer_map=[_RELU_PASS, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
         first_map=[(FAST_LAYERS, FastFlat())],
         canonizers=canonizers,
     ),
     "epsilon_plus": lambda canonizers, box: EpsilonPlus(
-        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
+        layer_map=[_RELU_PASS, (nn.Conv2d, FastZPlus()), (nn.Linear, FastEpsilon())],
         canonizers=canonizers,
     ),
     "epsilon_alpha2_beta1_flat": lambda canonizers, box: EpsilonAlpha2Beta1Flat(
-        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
+        layer_map=[_RELU_PASS, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
         first_map=[(FAST_LAYERS, FastFlat())],
         canonizers=canonizers,
     ),
     "epsilon_alpha2_beta1": lambda canonizers, box: EpsilonAlpha2Beta1(
-        layer_map=[_UNHOOKED_RELU, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
+        layer_map=[_RELU_PASS, (nn.Conv2d, FastAlphaBeta()), (nn.Linear, FastEpsilon())],
         canonizers=canonizers,
     ),
     "epsilon_gamma_box": lambda canonizers, box: EpsilonGammaBox(
-        low=box[0], high=box[1], layer_map=[_UNHOOKED_RELU, (nn.Linear, FastEpsilon())], canonizers=canonizers
+        low=box[0], high=box[1], layer_map=[_RELU_PASS, (nn.Linear, FastEpsilon())], canonizers=canonizers
     ),
 }

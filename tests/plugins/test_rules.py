@@ -20,6 +20,14 @@ def _layers() -> dict[str, nn.Module]:
         "conv": nn.Conv2d(3, 5, 3, padding=1),
         "conv-strided": nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
         "conv-dilated-grouped": nn.Conv2d(4, 6, 3, dilation=2, groups=2),
+        # stride 1, ungrouped: the transpose is a flipped forward convolution, padded d (k - 1) - p
+        "conv-unpadded": nn.Conv2d(3, 4, 3),
+        "conv-5x3-dilated": nn.Conv2d(3, 4, (5, 3), padding=(3, 1), dilation=(2, 1)),
+        "conv-same": nn.Conv2d(3, 4, 3, padding="same"),
+        "conv-valid": nn.Conv2d(3, 4, 3, padding="valid"),
+        # padding wider than d (k - 1): transposed by conv2d_input; "same" on an even kernel: by autograd
+        "conv-overpadded": nn.Conv2d(3, 4, 3, padding=3),
+        "conv-same-even-kernel": nn.Conv2d(3, 4, 4, padding="same"),
     }
 
 
@@ -61,6 +69,19 @@ def test_fast_rule_equals_zennit_stock_rule(rule_name: str, layer_name: str, non
     expected = _relevance(layer, stock, x)
     actual = _relevance(layer, fast, x)
     assert expected.abs().max() > 0
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_name", list(_layers()))
+def test_inactive_hook_backward_is_the_true_input_gradient(layer_name: str) -> None:
+    """Inside ``composite.inactive()`` the hooked layer's backward is W^T g, as autograd's on the bare layer."""
+    layer = _layers()[layer_name].double()
+    x = _input(layer, nonnegative=False).requires_grad_(True)
+    signal = torch.rand(layer(x).shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (expected,) = torch.autograd.grad(layer(x), x, grad_outputs=signal)
+    composite = LayerMapComposite(layer_map=[((nn.Linear, nn.Conv2d), FastZPlus())])
+    with composite.context(layer) as hooked, composite.inactive():
+        (actual,) = torch.autograd.grad(hooked(x), x, grad_outputs=signal)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -114,6 +135,6 @@ def test_fast_composite_registers_fast_hooks_and_removes_them() -> None:
     relevance = Relevance(model, "epsilon_plus_flat")
     with relevance.attached(x):
         names = {type(hook).__name__ for hook in relevance._require_attached().hook_refs}
-    assert {"FastFlat", "FastZPlus", "FastEpsilon"} <= names
+    assert {"FastFlat", "FastZPlus", "FastEpsilon", "FastReLUPass"} <= names
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
