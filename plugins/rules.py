@@ -54,7 +54,9 @@ def _layer_transpose(
     padding = _symmetric_padding(module)
     if padding is None:  # "same" padding that is uneven on the two sides: let autograd transpose it
         return _transpose_by_autograd(module, input_shape, weight, signal)
-    flipped_padding = tuple(d * (k - 1) - p for d, k, p in zip(module.dilation, module.kernel_size, padding, strict=True))
+    flipped_padding = tuple(
+        d * (k - 1) - p for d, k, p in zip(module.dilation, module.kernel_size, padding, strict=True)
+    )
     if module.groups == 1 and set(module.stride) == {1} and min(flipped_padding) >= 0:
         kernel = weight.flip(2, 3).transpose(0, 1).contiguous()
         return F.conv2d(signal, kernel, None, 1, flipped_padding, module.dilation, 1)

@@ -74,7 +74,7 @@ def test_fast_rule_equals_zennit_stock_rule(rule_name: str, layer_name: str, non
 
 @pytest.mark.parametrize("layer_name", list(_layers()))
 def test_inactive_hook_backward_is_the_true_input_gradient(layer_name: str) -> None:
-    """Inside ``composite.inactive()`` the hooked layer's backward is W^T g, as autograd's on the bare layer."""
+    """Inside ``composite.inactive()`` a hooked layer's backward is W^T g, as autograd's on the bare layer."""
     layer = _layers()[layer_name].double()
     x = _input(layer, nonnegative=False).requires_grad_(True)
     signal = torch.rand(layer(x).shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
