@@ -282,6 +282,8 @@ class GradMeanPattern(GradPattern):
         mask = top_relevant(state.relevance, state.n_batch)
         vanished = _all_zero(state.gradient)
         grad_step = sign_step(state, self.direction(state, config), mask)
+        if not bool(vanished.any()):
+            return grad_step
         return torch.where(vanished, mean_step(state, mask), grad_step)
 
 
@@ -382,8 +384,12 @@ def run_attack(
         raise ValueError("targeted attacks need y: the target class of each sample")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    n_batch = config.batch_count(x[0].numel() if x.shape[0] else math.prod(x.shape[1:]))
-    composite = config.composite if pattern.needs_relevance else Composite()  # no hooks, no BatchNorm merge
+    input_size = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
+    n_batch = config.batch_count(input_size)
+    # Selecting every value needs no ranking: n_batch = all leaves relevance zero and its pass unrun
+    # (LRP-grad is then IFGSM at IFGSM's cost).
+    uses_relevance = pattern.needs_relevance and n_batch < input_size
+    composite = config.composite if uses_relevance else Composite()  # no hooks, no BatchNorm merge
     relevance = Relevance(model, composite, preprocessing=preprocessing, bounds=(low, high))
     if x.shape[0] == 0:
         return _empty_result(x, config)
@@ -394,7 +400,18 @@ def run_attack(
         prediction = clean_logits.argmax(1)
         labels = prediction if y is None else check_labels(y, x.shape[0], clean_logits.shape[1], x.device)
         original = prediction if config.targeted else labels
-        return _iterate(pattern, relevance, x_orig, labels, original, (low, high), n_batch, config, pending)
+        return _iterate(
+            pattern,
+            relevance,
+            x_orig,
+            labels,
+            original,
+            (low, high),
+            n_batch,
+            uses_relevance,
+            config,
+            pending,
+        )
 
 
 def _clean_forward(relevance: Relevance, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,11 +434,13 @@ def _iterate(
     original: torch.Tensor,
     bounds: tuple[float, float],
     n_batch: int,
+    uses_relevance: bool,
     config: AttackConfig,
     pending: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> AttackResult:
     """Algorithm 2's loop. ``pending`` holds the forward of x_orig, which the first iteration takes as its
-    own: the clean batch is not run through the model twice."""
+    own: the clean batch is not run through the model twice. Without ``uses_relevance`` the relevance
+    stays zero, so every value ties and ``top_relevant`` selects all n_batch (= all) of them."""
     n_samples, device = x_orig.shape[0], x_orig.device
     x_adv = x_orig.clone()
     active = torch.ones(n_samples, dtype=torch.bool, device=device)
@@ -450,7 +469,7 @@ def _iterate(
                 break
             keep = ~success
         gradient = None
-        needs_relevance = pattern.needs_relevance and iteration % config.relevance_every == 0
+        needs_relevance = uses_relevance and iteration % config.relevance_every == 0
         if pattern.needs_gradient:
             loss = direction * nn.functional.cross_entropy(logits[keep], labels[rows][keep], reduction="sum")
             gradient = relevance.gradient(z, loss, retain_graph=needs_relevance).to(x_orig.dtype)

@@ -333,6 +333,30 @@ def test_lrp_grad_on_all_values_is_ifgsm_in_float64(
     assert torch.equal(result.x_adv, expected)
 
 
+@pytest.mark.parametrize("name", ["flip", "mean", "grad", "grad_mean"])
+def test_selecting_every_value_skips_the_relevance_pass(
+    name: str, monkeypatch: pytest.MonkeyPatch, digits_cnn: nn.Module, digits_correct: tuple
+) -> None:
+    """n_batch = all needs no ranking, so no relevance pass runs (a smaller n_batch does run one), and one
+    step moves every value: flip reflects all of them, mean moves all by eps toward the channel mean
+    (grad equals IFGSM: test_lrp_grad_on_all_values_is_ifgsm_in_float64)."""
+    x, y = digits_correct[0][:4], digits_correct[1][:4]
+
+    def forbidden(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("a relevance pass ran")
+
+    monkeypatch.setattr(Relevance, "relevance", forbidden)
+    step = {} if name == "flip" else {"eps": 0.01}
+    result = ATTACKS[name](digits_cnn, x, y, n_batch=1.0, max_iter=1, **step)
+    with pytest.raises(AssertionError, match="a relevance pass ran"):
+        ATTACKS[name](digits_cnn, x, y, n_batch=0.5, max_iter=1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    moved = torch.where((mean - x).abs() <= 0.01, mean, x + (mean - x).sign() * 0.01)
+    expected = {"flip": 1.0 - x, "mean": moved}
+    if name in expected:
+        torch.testing.assert_close(result.x_adv, expected[name], rtol=0, atol=1e-6)
+
+
 def art_classifier(model: nn.Module, preprocessing: Any) -> Any:
     from art.estimators.classification import PyTorchClassifier
 
