@@ -3,18 +3,24 @@
 Same model (the VGG-style 28x28 reference CNN, random weights: speed does not depend on training), same
 random batch, early stop off, each attack through the adapter of the library it is compared with:
 ART's BasicIterativeMethod next to our ART adapters, torchattacks' BIM next to our torchattacks adapters.
-Ratios are to the IFGSM of the same library. Also: a relevance pass with Zennit's stock rules and with
-ours next to a gradient step, batched relevance vs one image at a time, and the detectors' scoring speed
-next to a forward pass (or a gradient step) and their fitting time on 60,000 images.
+Ratios are to the IFGSM of the same library. Each library's group runs in a fresh process: glibc's malloc
+adapts its mmap threshold to the allocation history, so a group timed after another (ART's numpy buffers
+first) paid page faults the other did not, moving our ratios by up to 20% between runs.
+
+Also: a relevance pass with Zennit's stock rules and with ours next to a gradient step, batched relevance
+vs one image at a time, and the detectors' scoring speed next to a forward pass (or a gradient step) and
+their fitting time on 60,000 images.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +100,35 @@ def _torchattacks_runners(
         "LRPGradMean": ours.LRPGradMean(model, eps=STEP, **common),
     }
     return {name: (lambda attack=attack: attack(x, y)) for name, attack in attacks.items()}
+
+
+def _bench_inputs(batch_size: int, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The seeded reference CNN (random weights) and a random batch with random labels."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = reference_cnn((1, 28, 28), 10).eval()
+    x = torch.rand(batch_size, 1, 28, 28, generator=generator)
+    return model, x, torch.randint(0, 10, (batch_size,), generator=generator)
+
+
+def attack_rows(library: str, batch_size: int, iterations: int, repeats: int, seed: int) -> list[BenchRow]:
+    """Seconds per iteration of ``library``'s IFGSM and of our adapters for that library, in this process."""
+    model, x, y = _bench_inputs(batch_size, seed)
+    if library == "art":
+        runners = _art_runners(model, x.numpy(), y.numpy(), iterations)
+    else:
+        runners = _torchattacks_runners(model, x, y, iterations)
+    for run in runners.values():  # warm-up: first calls pay for allocation and lazy imports
+        run()
+    seconds = {name: value / iterations for name, value in _interleaved_medians(runners, repeats).items()}
+    return _relative(library, seconds, "s/iteration")
+
+
+def _in_fresh_process(function: Callable[..., list[BenchRow]], *args: object) -> list[BenchRow]:
+    """``function(*args)`` run in a newly spawned Python process (no state shared with this one)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def _relative(library: str, seconds: dict[str, float], unit: str) -> list[BenchRow]:
@@ -229,21 +264,10 @@ def run_bench(
     for name, value in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be an int > 0; got {value!r}")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = reference_cnn((1, 28, 28), 10).eval()
-    x = torch.rand(batch_size, 1, 28, 28, generator=generator)
-    y = torch.randint(0, 10, (batch_size,), generator=generator)
     rows = []
-    for library, runners in (
-        ("art", _art_runners(model, x.numpy(), y.numpy(), iterations)),
-        ("torchattacks", _torchattacks_runners(model, x, y, iterations)),
-    ):
-        for run in runners.values():  # warm-up: first calls pay for allocation and lazy imports
-            run()
-        seconds = {name: value / iterations for name, value in _interleaved_medians(runners, repeats).items()}
-        rows += _relative(library, seconds, "s/iteration")
+    for library in ("art", "torchattacks"):
+        rows += _in_fresh_process(attack_rows, library, batch_size, iterations, repeats, seed)
+    model, x, y = _bench_inputs(batch_size, seed)
     return (
         rows
         + rule_rows(model, x, y, repeats)
