@@ -119,7 +119,28 @@ class _RuleNode(torch.autograd.Function):
         return grad, None, None, None
 
 
-class FastRule(Hook, metaclass=ABCMeta):
+class _RoutingHook(Hook, metaclass=ABCMeta):
+    """A Zennit hook that routes its module's output through one autograd node of its own (``_node``),
+    given the module's input x and its detached output. Inputs that need no gradient pass untouched, and so
+    does an in-place module, whose input its output has overwritten."""
+
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._route)])
+
+    def _route(
+        self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = input[0]
+        if not x.requires_grad or getattr(module, "inplace", False):
+            return output
+        return self._node(module, x, output.detach())
+
+    @abstractmethod
+    def _node(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The module's output as a fresh output of this hook's autograd node."""
+
+
+class FastRule(_RoutingHook):
     """A Zennit hook whose backward is :meth:`relevance`, computed in closed form from the layer's input.
 
     Unlike Zennit's hooks, which let autograd run the layer's own backward and then replace its result,
@@ -134,16 +155,8 @@ class FastRule(Hook, metaclass=ABCMeta):
         super().__init__()
         self.stabilizer = float(stabilizer)
 
-    def register(self, module: nn.Module) -> RemovableHandleList:
-        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._route)])
-
-    def _route(
-        self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor
-    ) -> torch.Tensor:
-        x = input[0]
-        if not x.requires_grad:
-            return output
-        return _RuleNode.apply(x, [output.detach()], self, module)
+    def _node(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return _RuleNode.apply(x, [output], self, module)
 
     @abstractmethod
     def relevance(self, module: Layer, x: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
@@ -278,7 +291,7 @@ class _PassNode(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad_output, x, 0.0), None, None
 
 
-class FastReLUPass(Hook):
+class FastReLUPass(_RoutingHook):
     """Zennit's Pass rule for a ReLU module without its copies: the relevance pass skips the ReLU's gate.
 
     The gate would change nothing (a unit it closes has output 0, so the layer above gave it relevance
@@ -286,16 +299,8 @@ class FastReLUPass(Hook):
     overwritten its input, so it keeps autograd's own gating, which gives the same relevance.
     """
 
-    def register(self, module: nn.Module) -> RemovableHandleList:
-        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._route)])
-
-    def _route(
-        self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor
-    ) -> torch.Tensor:
-        x = input[0]
-        if not x.requires_grad or getattr(module, "inplace", False):
-            return output
-        return _PassNode.apply(x, [output.detach()], self)
+    def _node(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return _PassNode.apply(x, [output], self)
 
     def copy(self) -> FastReLUPass:
         return FastReLUPass()
