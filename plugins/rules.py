@@ -79,6 +79,7 @@ def _symmetric_padding(module: nn.Conv2d) -> tuple[int, ...] | None:
 def _transpose_by_autograd(
     module: nn.Conv2d, input_shape: torch.Size, weight: torch.Tensor, signal: torch.Tensor
 ) -> torch.Tensor:
+    """W^T signal as autograd's input gradient of the layer's forward (one forward more, any padding)."""
     with torch.enable_grad():
         probe = torch.zeros(input_shape, dtype=signal.dtype, device=signal.device, requires_grad=True)
         output = _layer_forward(module, probe, weight.detach(), None)
