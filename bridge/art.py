@@ -20,6 +20,7 @@ from art.attacks.attack import EvasionAttack  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 
 from xaiadv.plugins.attacks import AttackConfig, AttackResult  # noqa: E402
+from xaiadv.plugins.checks import check_inputs, check_labels  # noqa: E402
 
 from ._art_classifier import classifier_bounds, classifier_preprocessing  # noqa: E402
 
@@ -82,13 +83,8 @@ class _ARTLRPAttack(EvasionAttack):
             raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(kwargs)}")
         classifier = self.estimator
         bounds = classifier_bounds(classifier)
+        x_tensor, y_tensor = self._checked_inputs(x, y, bounds)
         preprocessing = classifier_preprocessing(classifier, x)
-        x_tensor = torch.as_tensor(np.asarray(x)).to(classifier.device)
-        y_tensor = None if y is None else torch.as_tensor(np.asarray(y)).to(classifier.device)
-        if y_tensor is not None and y_tensor.shape[0] != x_tensor.shape[0]:
-            raise ValueError(
-                f"y must have one label per sample ({x_tensor.shape[0]}); got {y_tensor.shape[0]}"
-            )
         results = []
         starts = range(0, x_tensor.shape[0], self.batch_size)
         for start in tqdm(starts, desc=type(self).__name__, disable=not self.verbose):
@@ -105,7 +101,26 @@ class _ARTLRPAttack(EvasionAttack):
                 )
             )
         self.last_result = concat_results(results, x_tensor)
-        return self.last_result.x_adv.cpu().numpy().astype(np.asarray(x).dtype, copy=False)
+        return self.last_result.x_adv.cpu().numpy().astype(x.dtype, copy=False)
+
+    def _checked_inputs(
+        self, x: object, y: object, bounds: tuple[float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x and y (class indices) as tensors on the classifier's device, all of them checked before the
+        first mini-batch runs: values, the classifier's input shape, and labels against its class count."""
+        classifier = self.estimator
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy array; got {type(x).__name__}")
+        x_tensor = check_inputs(torch.as_tensor(x), bounds)
+        if tuple(x_tensor.shape[1:]) != tuple(classifier.input_shape):
+            expected = ", ".join(map(str, classifier.input_shape))
+            raise ValueError(f"x must be shaped (N, {expected}) as the classifier's input; got {x.shape}")
+        if y is None:
+            if self.targeted:
+                raise ValueError("targeted attacks need y: the target class of each sample")
+            return x_tensor.to(classifier.device), None
+        labels = check_labels(y, x_tensor.shape[0], classifier.nb_classes, classifier.device)
+        return x_tensor.to(classifier.device), labels
 
 
 def _params(pattern: str) -> list[str]:

@@ -8,11 +8,15 @@ to the plugin loop (thesis Algorithm 2), which normalizes before the model and s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+
+from xaiadv.plugins.checks import check_inputs
+from xaiadv.plugins.features import model_dtype
 
 from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
 
@@ -60,6 +64,29 @@ class LRPAttack(MinimizationAttack):
     def distance(self) -> Distance:
         return self._distance
 
+    def __call__(  # type: ignore[misc]  # Foolbox marks it @final; we only check first, then delegate
+        self, model: Model, inputs: T, criterion: Any, *, epsilons: Any, **kwargs: Any
+    ) -> Any:
+        """Foolbox's call, after checks of our own that Foolbox lacks: NaN, Inf or out-of-bounds inputs get
+        an error naming them (Foolbox's bound check is a bare assert), inputs whose dtype differs from the
+        torch module's are refused before the attack runs (Foolbox's own success check would fail after
+        it), and an empty batch returns empty results without calling the model."""
+        if isinstance(inputs, torch.Tensor):
+            check_inputs(inputs, (float(model.bounds[0]), float(model.bounds[1])), name="inputs")
+            self._check_dtype(model, inputs)
+            if len(inputs) == 0:
+                return _empty_outputs(inputs, epsilons)
+        return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
+
+    def _check_dtype(self, model: Model, inputs: torch.Tensor) -> None:
+        module = self.model if self.model is not None else module_of(model)
+        dtype = model_dtype(module, default=inputs.dtype)  # a module without parameters takes any
+        if inputs.dtype != dtype:
+            raise ValueError(
+                f"inputs have dtype {inputs.dtype} but the model's parameters {dtype}: Foolbox calls the "
+                f"model on the inputs as given; pass inputs.to({dtype})"
+            )
+
     def run(
         self,
         model: Model,
@@ -96,6 +123,16 @@ class LRPAttack(MinimizationAttack):
         if self.model is not None:
             settings.append(f"model={type(self.model).__name__}")
         return f"{type(self).__name__}({', '.join(settings)})"
+
+
+def _empty_outputs(inputs: torch.Tensor, epsilons: Any) -> tuple[Any, Any, torch.Tensor]:
+    """What Foolbox's call returns for no samples: (raw, clipped, success), one per epsilon when a list."""
+    if not isinstance(epsilons, Iterable):
+        return inputs.clone(), inputs.clone(), torch.zeros(0, dtype=torch.bool, device=inputs.device)
+    count = len(list(epsilons))
+    raw = inputs.clone()
+    clipped = [inputs.clone() for _ in range(count)]
+    return [raw] * count, clipped, torch.zeros(count, 0, dtype=torch.bool, device=inputs.device)
 
 
 def _as_distance(distance: str | Distance) -> Distance:

@@ -12,11 +12,13 @@ targeted), as the thesis's algorithms do (c_t = c_a). Distances are measured in 
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from zennit.core import Composite
@@ -51,12 +53,9 @@ class AttackConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._as_python_numbers()
         if self.eps is not None:
-            if (
-                isinstance(self.eps, bool)
-                or not isinstance(self.eps, (int, float))
-                or not math.isfinite(self.eps)
-            ):
+            if not isinstance(self.eps, float) or not math.isfinite(self.eps):
                 raise ValueError(f"eps must be a finite number > 0 or None; got {self.eps!r}")
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0; got {self.eps!r}")
@@ -66,12 +65,25 @@ class AttackConfig:
         for flag in ("early_stop", "targeted", "flip_back", "trace"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool; got {getattr(self, flag)!r}")
-        momentum_ok = isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
-        if not momentum_ok or not 0.0 <= self.momentum < math.inf:
+        if not isinstance(self.momentum, float) or not 0.0 <= self.momentum < math.inf:
             raise ValueError(f"momentum must be a finite number >= 0 (0 = off); got {self.momentum!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         check_composite(self.composite)
+
+    def _as_python_numbers(self) -> None:
+        """numpy scalars (np.float32(0.1), np.int64(3)) become Python numbers; bools stay as they are, so
+        that they are refused. A float ``n_batch`` stays a fraction and an integer one a count."""
+        for name in ("eps", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, float(value))
+        for name in ("n_batch", "max_iter", "relevance_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, int(value))
+            elif name == "n_batch" and isinstance(value, np.floating):
+                object.__setattr__(self, name, float(value))
 
     def step_size(self, bounds: tuple[float, float]) -> float:
         """eps, or one 8-bit level of the bounds' range when eps is None."""
@@ -382,6 +394,8 @@ def run_attack(
     check_target_support(pattern, config.targeted)
     if config.targeted and y is None:
         raise ValueError("targeted attacks need y: the target class of each sample")
+    if y is not None:  # all but the class count, which the first forward tells
+        check_labels(y, x.shape[0], None, x.device)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     input_size = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])

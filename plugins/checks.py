@@ -58,33 +58,35 @@ def check_bounds(bounds: object) -> tuple[float, float]:
 
 
 def check_labels(
-    y: object, n_samples: int, n_classes: int, device: torch.device, *, name: str = "y"
+    y: object, n_samples: int, n_classes: int | None, device: torch.device, *, name: str = "y"
 ) -> torch.Tensor:
     """Class indices (N,) from labels given as (N,), (N, 1) or one-hot (N, K) arrays or tensors.
 
     Refuses non-integer values, negatives, indices >= ``n_classes``, a wrong count and malformed one-hot rows.
+    ``n_classes=None`` (the count is not known before the model's first forward) runs every check but the
+    two that need it, the upper index bound and the one-hot width: call again once the count is known.
     """
     labels = torch.as_tensor(y.copy() if hasattr(y, "copy") and not isinstance(y, torch.Tensor) else y)
-    if labels.dim() == 2 and labels.shape[1] == 1:
+    width = labels.shape[1] if labels.dim() == 2 else 0
+    if width == 1:
         labels = labels[:, 0]
-    elif labels.dim() == 2 and labels.shape[1] == n_classes and n_classes > 1:
+    elif width > 1 and width == (n_classes or width):
         labels = _from_one_hot(labels, name)
     if labels.dim() != 1 or labels.shape[0] != n_samples:
-        raise ValueError(
-            f"{name} must be {n_samples} labels shaped (N,), (N, 1) or one-hot (N, {n_classes}); "
-            f"got shape {tuple(labels.shape)}"
-        )
+        forms = f"(N,), (N, 1) or one-hot (N, {n_classes or 'K'})"
+        raise ValueError(f"{name} must be {n_samples} labels shaped {forms}; got shape {tuple(labels.shape)}")
     if labels.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer class indices; got booleans")
     if labels.is_floating_point():
         if not bool(torch.all(labels == labels.round())):
             raise ValueError(f"{name} must hold integer class indices; got non-integer values")
         labels = labels.long()
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(
-            f"{name} must hold class indices in [0, {n_classes - 1}]; got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
+    if not labels.numel():
+        return labels.long().to(device)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (n_classes is not None and high >= n_classes):
+        expected = f"in [0, {n_classes - 1}]" if n_classes is not None else ">= 0"
+        raise ValueError(f"{name} must hold class indices {expected}; got values in [{low}, {high}]")
     return labels.long().to(device)
 
 

@@ -404,3 +404,51 @@ def test_model_mode_and_weights_are_as_before_generate(mode, attack_cls, tiny_mo
 
     assert [module.training for module in model.modules()] == modes
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+
+
+def _spoil_last(x: np.ndarray, y: np.ndarray, case: str) -> tuple[np.ndarray, Any]:
+    x, y = x.copy(), y.copy()
+    if case == "nan":
+        x[-1, 0, 0, 0] = np.nan
+    elif case == "above-bounds":
+        x[-1, 0, 0, 0] = 1.5
+    elif case == "label-too-large":
+        y[-1] = 10
+    elif case == "label-negative":
+        y[-1] = -1
+    return x, {"label-scalar": np.int64(3), "label-count": y[:-1]}.get(case, y)
+
+
+BAD_INPUTS = {
+    "nan": "x contains NaN or Inf",
+    "above-bounds": r"outside the bounds \[0.0, 1.0\]",
+    "label-too-large": r"class indices in \[0, 9\]",
+    "label-negative": r"class indices in \[0, 9\]",
+    "label-scalar": "must be 8 labels",
+    "label-count": "must be 8 labels",
+    "wrong-shape": r"must be shaped \(N, 1, 8, 8\)",
+    "list-x": "x must be a numpy array",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_anywhere_is_refused_before_the_first_mini_batch(
+    case, tiny_model, counting_model, data
+) -> None:
+    """ART splits x into mini-batches; a bad value in the last one must not cost the earlier ones' work."""
+    model = counting_model(tiny_model("cnn"))
+    x, y = _spoil_last(data[0][:8], data[1][:8], case)
+    if case == "wrong-shape":
+        x = x[:, :, :7, :7]
+    given_x = x.tolist() if case == "list-x" else x
+    attack = LRPGrad(make_classifier(model), batch_size=2, max_iter=3)
+    with pytest.raises((ValueError, TypeError), match=BAD_INPUTS[case]):
+        attack.generate(given_x, y)
+    assert model.calls == 0
+
+
+def test_targeted_without_y_is_refused_before_any_work(tiny_model, counting_model, data) -> None:
+    model = counting_model(tiny_model("cnn"))
+    with pytest.raises(ValueError, match="targeted attacks need y"):
+        LRPGrad(make_classifier(model), targeted=True, max_iter=3).generate(data[0][:4])
+    assert model.calls == 0

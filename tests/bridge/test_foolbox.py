@@ -292,6 +292,54 @@ def test_callers_inputs_and_model_are_unmodified(digits) -> None:
     assert not net.training
 
 
+def _spoiled(x: torch.Tensor, case: str) -> torch.Tensor:
+    x = x[:4].clone()
+    x[-1, 0, 2, 2] = {"nan": float("nan"), "inf": float("inf"), "above-bounds": 1.5}.get(case, 0.0)
+    return x.double() if case == "float64" else x
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("nan", "inputs contains NaN or Inf"),
+        ("inf", "inputs contains NaN or Inf"),
+        ("above-bounds", r"inputs has values in \[.*\], outside the bounds \[0.0, 1.0\]"),
+        ("float64", "inputs have dtype torch.float64 but the model's parameters torch.float32"),
+    ],
+)
+def test_bad_inputs_get_a_clear_error_before_any_work(case, match, digits, counting_model) -> None:
+    """Foolbox's own bound check is a bare assert, and float64 inputs would fail only in its success check
+    after the attack: ours name the problem before the model runs."""
+    net, x, y = digits
+    model = counting_model(net).eval()
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    with pytest.raises(ValueError, match=match):
+        LRPGrad(**GRAD)(fmodel, _spoiled(x, case), Misclassification(y[:4]), epsilons=[1.0])
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("epsilons", [[0.5, None], 1.0], ids=["list", "scalar"])
+def test_an_empty_batch_returns_empty_results_as_foolbox_shapes_them(
+    epsilons, digits, counting_model
+) -> None:
+    net, x, _ = digits
+    model = counting_model(net).eval()
+    empty = x[:0]
+    raw, clipped, success = LRPGrad(**GRAD)(
+        fb.PyTorchModel(model, bounds=(0, 1)),
+        empty,
+        Misclassification(torch.zeros(0, dtype=torch.long)),
+        epsilons=epsilons,
+    )
+    if isinstance(epsilons, list):
+        assert len(raw) == len(clipped) == 2 and success.shape == (2, 0)
+        assert all(item.shape == empty.shape for item in [*raw, *clipped])
+    else:
+        assert raw.shape == clipped.shape == empty.shape and success.shape == (0,)
+    assert success.dtype == torch.bool
+    assert model.calls == 0
+
+
 def test_import_without_foolbox_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "foolbox", None)
     monkeypatch.delitem(sys.modules, "xaiadv.bridge.foolbox")

@@ -82,12 +82,17 @@ INPUT_CASES = {
     "wrong-shape": BadInput(
         "which the model cannot take", x=lambda x: x[:, :, :7, :7], before_any_work=False
     ),
+    # The class count comes from the model's first forward: only the checks that need it run after one.
     "label-too-large": BadInput(r"class indices in \[0, 9\]", y=[10, 1], before_any_work=False),
-    "label-negative": BadInput(r"class indices in \[0, 9\]", y=[-1, 1], before_any_work=False),
-    "label-non-integer": BadInput("non-integer", y=[1.5, 2.0], before_any_work=False),
-    "label-count": BadInput("must be 2 labels", y=[1, 2, 3], before_any_work=False),
-    "label-bool": BadInput("booleans", y=[True, False], before_any_work=False),
-    "label-bad-one-hot": BadInput("must be one-hot", y=np.full((2, 10), 0.5), before_any_work=False),
+    "label-one-hot-too-narrow": BadInput(
+        r"one-hot \(N, 10\); got shape \(2, 5\)", y=np.eye(5)[[1, 2]], before_any_work=False
+    ),
+    "label-negative": BadInput("class indices >= 0", y=[-1, 1]),
+    "label-non-integer": BadInput("non-integer", y=[1.5, 2.0]),
+    "label-count": BadInput("must be 2 labels", y=[1, 2, 3]),
+    "label-scalar": BadInput("must be 2 labels", y=np.int64(3)),
+    "label-bool": BadInput("booleans", y=[True, False]),
+    "label-bad-one-hot": BadInput("must be one-hot", y=np.full((2, 10), 0.5)),
     "n_batch-zero": BadInput("n_batch must be > 0", params={"n_batch": 0}),
     "n_batch-negative": BadInput("n_batch must be > 0", params={"n_batch": -3}),
     "n_batch-too-large": BadInput("at most the input size 64", params={"n_batch": 65}),
@@ -197,6 +202,38 @@ def test_label_forms_agree(name: str, tiny_model: Factory) -> None:
         assert torch.equal(result.x_adv, reference.x_adv), form
         assert torch.equal(result.success, reference.success), form
     assert torch.equal(reference.original_class, torch.tensor([3, 7, 1]))
+
+
+NUMPY_PARAMS = {
+    "eps": (np.float32(0.0625), 0.0625),
+    "n_batch-count": (np.int64(5), 5),
+    "n_batch-fraction": (np.float32(0.25), 0.25),
+    "max_iter": (np.int32(3), 3),
+    "momentum": (np.float64(0.5), 0.5),
+}
+
+
+@pytest.mark.parametrize("param", list(NUMPY_PARAMS))
+def test_numpy_scalar_parameters_act_as_python_numbers(param: str, tiny_model: Factory) -> None:
+    """np.float32(0.0625) is the eps 0.0625; a numpy float n_batch stays a fraction, a numpy int a count."""
+    model, x = tiny_model("cnn"), batch(3)
+    numpy_value, python_value = NUMPY_PARAMS[param]
+    name = param.split("-")[0]
+    given = lrp_grad(model, x, **{"max_iter": 3, name: numpy_value})
+    expected = lrp_grad(model, x, **{"max_iter": 3, name: python_value})
+    assert torch.equal(given.x_adv, expected.x_adv)
+    assert torch.equal(given.iterations, expected.iterations)
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("eps", np.bool_(True)), ("n_batch", np.bool_(True)), ("max_iter", True), ("seed", True)],
+    ids=["eps-np-bool", "n_batch-np-bool", "max_iter-bool", "seed-bool"],
+)
+def test_bools_are_not_numbers(param: str, value: Any, tiny_model: Factory) -> None:
+    attack = ifgsm_noise if param == "seed" else lrp_grad
+    with pytest.raises(ValueError, match=f"{param} must be"):
+        attack(tiny_model("cnn"), batch(), **{param: value})
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["no-trace", "trace"])
