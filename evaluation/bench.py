@@ -140,19 +140,30 @@ def _relative(library: str, seconds: dict[str, float], unit: str) -> list[BenchR
 
 
 def relevance_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[BenchRow]:
-    """Seconds per image of one relevance pass: the whole batch at once vs one image at a time."""
+    """Seconds per image of one relevance pass: the whole batch at once vs one image at a time.
+
+    Next to them, the batched forward pass alone: every relevance pass contains one, so its time per
+    image is a measured floor of the batched pass, and one-at-a-time over it bounds what batching can
+    gain on this machine even if the relevance backward cost nothing.
+    """
     relevance = Relevance(model)
     single = x[: min(len(x), 16)]
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
     seconds = _interleaved_medians(
         {
             "relevance, one image at a time": lambda: [
                 relevance(single[i : i + 1], y[i : i + 1]) for i in range(len(single))
             ],
             "relevance, batched": lambda: relevance(x, y),
+            "forward pass alone, batched (floor of a batched relevance pass)": forward,
         },
         repeats,
     )
-    per_image = {"relevance, one image at a time": len(single), "relevance, batched": len(x)}
+    per_image = {name: len(x) for name in seconds} | {"relevance, one image at a time": len(single)}
     return _relative("xaiadv", {name: value / per_image[name] for name, value in seconds.items()}, "s/image")
 
 

@@ -22,7 +22,11 @@ EXPECTED = {
         "relevance pass, Zennit stock rules",
         "relevance pass, xaiadv fast rules",
     ],
-    "xaiadv": ["relevance, one image at a time", "relevance, batched"],
+    "xaiadv": [
+        "relevance, one image at a time",
+        "relevance, batched",
+        "forward pass alone, batched (floor of a batched relevance pass)",
+    ],
     "detector score": [
         "forward pass",
         "KNNScore.score (300 references)",
