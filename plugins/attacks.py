@@ -218,6 +218,10 @@ class FlipPattern(Pattern):
     With ``flip_back=False`` (default) a flipped value is never selected again, which removes the looping
     the thesis reports (Figs. 3.12-3.13); with True a value may toggle back. Values are always exactly
     x or lo + hi - x of the original image. eps is unused. Untargeted only.
+
+    With ``relevance_every=m > 1`` each iteration still flips n_batch values: without flip-back the next
+    most relevant unflipped ones, so one relevance pass drives up to m * n_batch flips (the thesis, m = 1,
+    has n_batch per pass); with flip-back the same values toggle, undoing each other every second step.
     """
 
     name = "flip"

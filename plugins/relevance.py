@@ -6,6 +6,9 @@ the relevance of an input value is that of its normalized twin (element-wise, ne
 which would distort the ranking across channels). Loss gradients are taken through the same forward
 with the hooks switched off (``composite.inactive()``): gradients taken while they are active are
 relevance, not gradients.
+
+The first forward of each attached context also inspects the autograd graph for what the hooks cannot see:
+branch merges outside any module (a hand-written residual) and activations called as functions.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
+from torch.autograd.graph import Node
 from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES
 from zennit.core import Composite
@@ -43,6 +48,32 @@ COMPOSITE_NAMES: tuple[str, ...] = (
 DEFAULT_COMPOSITE = "epsilon_plus_flat"
 
 Preprocessing = tuple[torch.Tensor, torch.Tensor] | None
+
+#: Autograd nodes of elementwise ops on two tensors. When both inputs depend on the model input (a residual
+#: h + f(h), a gate h * g(h)) the relevance pass hands each branch the full relevance: not conserved.
+_MERGE_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})
+#: Autograd nodes of elementwise activations, to find those called as functions rather than modules.
+_ACTIVATION_NODES = frozenset(
+    {
+        "ReluBackward0",
+        "ThresholdBackward0",
+        "LeakyReluBackward0",
+        "PreluKernelBackward0",
+        "RreluWithNoiseBackward0",
+        "EluBackward0",
+        "CeluBackward0",
+        "GeluBackward0",
+        "SiluBackward0",
+        "MishBackward0",
+        "SoftplusBackward0",
+        "SigmoidBackward0",
+        "LogSigmoidBackward0",
+        "TanhBackward0",
+        "HardtanhBackward0",
+        "HardsigmoidBackward0",
+        "HardswishBackward0",
+    }
+)
 
 
 def check_composite(composite: str | Composite) -> None:
@@ -160,6 +191,100 @@ def build_composite(
     return factory(canonizers=list(canonizers))
 
 
+@contextmanager
+def activation_module_nodes(model: nn.Module) -> Iterator[set[Node]]:
+    """The autograd nodes that activation modules create in the block's forwards (what the hooks see).
+
+    The recording hooks run before any other forward hook, so they see the module's own output, which
+    depends on its inputs only (a rule's replacement might not, and lead the walk out of the module);
+    they are removed on exit, even after an exception.
+    """
+    nodes: set[Node] = set()
+
+    def record(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            inputs = {
+                arg.grad_fn for arg in args if isinstance(arg, torch.Tensor) and arg.grad_fn is not None
+            }
+            nodes.update(_nodes_between(output.grad_fn, inputs))
+
+    modules = [module for module in model.modules() if isinstance(module, Activation)]
+    handles = [module.register_forward_hook(record, prepend=True) for module in modules]
+    try:
+        yield nodes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _nodes_between(output: Node, inputs: set[Node]) -> set[Node]:
+    """``output`` and the nodes behind it down to, not including, the ``inputs`` nodes: one module's own
+    nodes (Tanhshrink's x - tanh(x) has three). An in-place module's output node is its input's: just it."""
+    found = {output}
+    stack = [] if output in inputs else [child for child, _ in output.next_functions]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in inputs and node not in found:
+            found.add(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def _graph_nodes(root: Node) -> list[Node]:
+    """Every autograd node behind ``root``, each listed after all the nodes it leads to.
+
+    Iterative depth-first search (a deep network would overflow Python's recursion limit). A node is marked
+    when it is expanded, not when pushed, so one reached again deeper down is finished there first.
+    """
+    order: list[Node] = []
+    expanded: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif node not in expanded:
+            expanded.add(node)
+            stack.append((node, True))
+            stack.extend((child, False) for child, _ in node.next_functions if child is not None)
+    return order
+
+
+@dataclass(frozen=True)
+class GraphFindings:
+    """What a forward's autograd graph holds that the relevance hooks cannot handle, as node names.
+
+    ``merges``: elementwise Add/Sub/Mul nodes with two inputs that depend on the model input, outside an
+    activation module. ``functional_activations``: activation nodes on the model input's path that no
+    activation module produced.
+    """
+
+    merges: tuple[str, ...]
+    functional_activations: tuple[str, ...]
+
+
+def inspect_graph(z: torch.Tensor, root: Node, module_nodes: set[Node]) -> GraphFindings:
+    """Find branch merges and functional activations between the leaf ``z`` and the output node ``root``.
+
+    A bias addition or a constant factor does not merge branches (its other input is a parameter or no
+    tensor), nor does a concatenation, through which LRP conserves relevance. ``module_nodes`` are the
+    nodes created inside activation modules (:func:`activation_module_nodes`), which the hooks do see.
+    """
+    depends: dict[Node, bool] = {}
+    merges: list[str] = []
+    activations: list[str] = []
+    for node in _graph_nodes(root):
+        inputs = [depends[child] for child, _ in node.next_functions if child is not None]
+        depends[node] = getattr(node, "variable", None) is z or any(inputs)
+        if node in module_nodes:
+            continue
+        if node.name() in _MERGE_NODES and sum(inputs) >= 2:
+            merges.append(node.name())
+        elif node.name() in _ACTIVATION_NODES and depends[node]:
+            activations.append(node.name())
+    return GraphFindings(tuple(merges), tuple(activations))
+
+
 @dataclass(frozen=True)
 class Conservation:
     """Relevance sum per sample next to the target logit it should equal (thesis eq. 2.16)."""
@@ -182,6 +307,16 @@ class Relevance:
     even after an exception. ``preprocessing=(mean, std)`` is applied before the model and relevance
     is attributed to the normalized input, mapped back element-wise. ``bounds`` are the raw inputs'
     range (the box of ``epsilon_gamma_box``). ``fast_rules=False`` uses Zennit's stock rules.
+
+    The first forward of each attached context inspects its autograd graph (:func:`inspect_graph`). An
+    elementwise Add/Sub/Mul merging two input-dependent branches outside a module (a hand-written residual)
+    is refused for the LRP composites: relevance would not be conserved through it (guided backprop, a
+    gradient method, is exact there). A Composite instance only warns, which :mod:`warnings` filters
+    silence: its rules may handle the merge inside a module, which the check does not look into; one
+    without hooks computes plain gradients and is not inspected. Activations called as functions are
+    refused for guided backprop and warned about for LRP unless they are ReLUs (exact); a Composite
+    instance's rules are unknown, so its activations are not checked. Not seen: a merge by a reduction
+    (``torch.stack(...).sum(0)`` outside a zennit Sum module) or by a division.
     """
 
     def __init__(
@@ -211,31 +346,72 @@ class Relevance:
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.fast_rules = fast_rules
         self._active: Composite | None = None
+        self._graph_unchecked = False
         self._norm: Preprocessing = None
         self._check_activation_modules()
 
     def _check_activation_modules(self) -> None:
-        """Refuse or warn when activations are functional calls the hooks cannot see.
+        """Refuse guided backprop, before any work, for a model with weights but no activation modules.
 
-        Guided backprop rewrites activation gradients, so without activation modules it would silently be
-        the plain gradient: refused. LRP rules pass relevance through activations; for ReLU a functional
-        call gates relevance exactly as the Pass rule does, other functional activations would not: warned.
+        Guided backprop rewrites the gradients of activation modules, so without any it would silently be
+        the plain gradient. Functional activations next to modules are found by the first forward's graph
+        inspection (:meth:`_check_functional`).
         """
-        if not isinstance(self.composite, str):
+        if self.composite != "guided_backprop":
             return
         has_weights = any(isinstance(m, (Convolution, nn.Linear)) for m in self.model.modules())
-        has_activations = any(isinstance(m, Activation) for m in self.model.modules())
-        if not has_weights or has_activations:
+        if has_weights and not any(isinstance(m, Activation) for m in self.model.modules()):
+            raise ValueError(
+                "model has no activation modules (torch.nn.ReLU, ...): its activations are functional calls "
+                "the relevance hooks cannot see; guided backprop would silently equal the plain gradient."
+            )
+
+    def _check_graph(self, z: torch.Tensor, logits: object, module_nodes: set[Node]) -> None:
+        """Refuse or warn about what the first forward's graph shows the hooks cannot handle (nothing to
+        inspect when the logits do not depend on z)."""
+        if not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
             return
+        findings = inspect_graph(z, logits.grad_fn, module_nodes)
+        if findings.merges and self.composite != "guided_backprop":  # a gradient method: merges are exact
+            self._check_merges(findings.merges)
+        if findings.functional_activations and isinstance(self.composite, str):
+            self._check_functional(findings.functional_activations)
+
+    def _check_merges(self, merges: tuple[str, ...]) -> None:
+        """Refuse (named composite) or warn (Composite instance) about branch merges outside any module.
+
+        No rule sees such a merge, so relevance flows through it as a gradient: a residual h + f(h) hands
+        each branch the full relevance and doubles it (thesis eq. 2.16 fails). A canonizer turns the merge
+        into a module a rule handles.
+        """
         message = (
-            "model has no activation modules (torch.nn.ReLU, ...): its activations are functional calls "
-            "the relevance hooks cannot see"
+            f"model merges two input-dependent branches in {len(merges)} elementwise op(s) "
+            f"({', '.join(sorted(set(merges)))}) outside any module, as a hand-written residual h + f(h) "
+            "does: LRP would pass relevance into both branches as a gradient and not conserve it. Pass "
+            "canonizers=[...] that turn each merge into a module Zennit's rules handle (zennit.layer.Sum "
+            "over torch.stack, as zennit.torchvision.ResNetCanonizer does)"
         )
+        if isinstance(self.composite, str):
+            raise ValueError(message + ".")
+        warnings.warn(message + ", unless your Composite's rules handle it.", UserWarning, stacklevel=5)
+
+    def _check_functional(self, activations: tuple[str, ...]) -> None:
+        """Refuse guided backprop through any functional activation; warn LRP about non-ReLU ones.
+
+        The hooks see activation modules only. Guided backprop would pass the plain gradient through a
+        functional one; LRP passes relevance through activations, which a functional ReLU's gate does
+        exactly (a unit it closes got no relevance), any other functional activation does not.
+        """
+        names = ", ".join(sorted(set(activations)))
+        message = f"model calls activations as functions ({names}) that the relevance hooks cannot see"
         if self.composite == "guided_backprop":
-            raise ValueError(message + "; guided backprop would silently equal the plain gradient.")
-        warnings.warn(
-            message + "; relevance is exact for ReLU only. Use activation modules.", UserWarning, stacklevel=3
-        )
+            raise ValueError(message + "; guided backprop would pass the plain gradient through them.")
+        if set(activations) - {"ReluBackward0"}:
+            warnings.warn(
+                message + "; relevance is exact through a functional ReLU only. Use activation modules.",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map raw inputs to the model's input space (identity without preprocessing)."""
@@ -275,6 +451,7 @@ class Relevance:
                         "relevance would not be conserved; pass canonizers=[...] (for a Composite: build it "
                         "with them)"
                     )
+                self._graph_unchecked = isinstance(self.composite, str) or bool(composite.hook_refs)
                 yield self
             finally:
                 self._active = None
@@ -283,11 +460,19 @@ class Relevance:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward through the hooked model: returns (normalized leaf z, logits).
 
-        z requires grad; the gradient and relevance backward passes both start from these logits.
+        z requires grad; the gradient and relevance backward passes both start from these logits. The first
+        forward with gradients in an attached context has its graph inspected (once: an attack loop does
+        not pay it per iteration), which may raise a ValueError or warn (see the class docstring).
         """
         self._require_attached()
         z = self.normalize(x).to(self.param_dtype).detach().requires_grad_(True)
-        return z, self.model(z)
+        if not (self._graph_unchecked and torch.is_grad_enabled()):
+            return z, self.model(z)
+        with activation_module_nodes(self.model) as module_nodes:
+            logits = self.model(z)
+        self._check_graph(z, logits, module_nodes)
+        self._graph_unchecked = False
+        return z, logits
 
     def gradient(self, z: torch.Tensor, loss: torch.Tensor, *, retain_graph: bool = True) -> torch.Tensor:
         """True gradient of ``loss`` w.r.t. the raw input (chain rule through the normalization), taken
@@ -342,9 +527,10 @@ class Relevance:
         tensor = torch.as_tensor(target, device=x.device)
         if tensor.dim() == 0:
             tensor = tensor.expand(x.shape[0])
-        if tensor.dtype.is_floating_point or tensor.shape != (x.shape[0],):
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.shape != (x.shape[0],):
             raise ValueError(
-                f"target must be one class index per sample ({x.shape[0]}); got shape {tuple(tensor.shape)}"
+                f"target must be one integer class index per sample ({x.shape[0]}); got shape "
+                f"{tuple(tensor.shape)}, dtype {tensor.dtype}"
             )
         return tensor.long()
 

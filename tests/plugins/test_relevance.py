@@ -4,16 +4,19 @@ preprocessing convention, true gradients with the hooks switched off, and models
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import EpsilonPlus
+from zennit.composites import COMPOSITES, EpsilonPlus
+from zennit.core import Composite
 from zennit.rules import Epsilon
-from zennit.torchvision import ResNetCanonizer
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 from xaiadv.plugins.relevance import COMPOSITE_NAMES, Relevance
 
@@ -112,6 +115,65 @@ def test_epsilon_plus_on_a_linear_net_matches_a_float64_oracle(
     assert float(expected.abs().sum()) > 0
 
 
+class GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward keeps the gradient where both the forward input and the gradient are positive."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0) * (grad > 0)
+
+
+def guided_backprop_reference(model: nn.Sequential, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Guided backprop by hand (Springenberg et al. 2015): the target logit's gradient w.r.t. x with every
+    ReLU module's backward replaced by GuidedReLU's."""
+    leaf = x.clone().requires_grad_(True)
+    h = leaf
+    for layer in model:
+        h = GuidedReLU.apply(h) if isinstance(layer, nn.ReLU) else layer(h)
+    (grad,) = torch.autograd.grad(h, leaf, grad_outputs=nn.functional.one_hot(target, h.shape[1]).to(h))
+    return grad
+
+
+def cnn_maxpool() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 16),
+            nn.ReLU(),
+            nn.Linear(16, 10),
+        )
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("fast_rules", [True, False], ids=["fast", "stock"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "cnn_inplace", "cnn_maxpool"])
+def test_guided_backprop_matches_a_float64_oracle(
+    model_name: str, fast_rules: bool, tiny_model: Factory, assert_no_hooks: Callable
+) -> None:
+    model = cnn_maxpool() if model_name == "cnn_maxpool" else tiny_model(model_name, dtype=torch.float64)
+    x = unit_batch(5).double() * 2 - 1
+    target = torch.tensor([0, 3, 5, 7, 9])
+    expected = guided_backprop_reference(model, x, target)
+    relevance = Relevance(model, "guided_backprop", fast_rules=fast_rules)(x, target)
+    torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-15)
+    assert_no_hooks(model)
+    leaf = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(leaf).gather(1, target.view(-1, 1)).sum(), leaf)
+    assert not torch.allclose(expected, plain)  # the guided rule changed the gradient
+
+
 # ---------------------------------------------------------------- targets and batches
 
 
@@ -136,12 +198,14 @@ def test_target_forms_agree(tiny_model: Factory) -> None:
     assert torch.equal(as_int, relevance(x, torch.tensor([4, 4, 4])))
 
 
-@pytest.mark.parametrize("target", [[1.0, 2.0, 3.0], [1, 2]], ids=["float", "wrong-count"])
+@pytest.mark.parametrize(
+    "target", [[1.0, 2.0, 3.0], [1, 2], [True, False, True]], ids=["float", "wrong-count", "bool"]
+)
 def test_malformed_targets_are_refused(
     target: list[float], tiny_model: Factory, assert_no_hooks: Callable
 ) -> None:
     model = tiny_model("cnn")
-    with pytest.raises(ValueError, match="target must be one class index per sample"):
+    with pytest.raises(ValueError, match="target must be one integer class index per sample"):
         Relevance(model)(unit_batch(3), target)
     assert_no_hooks(model)
 
@@ -276,9 +340,15 @@ def test_inplace_relu_gives_the_same_relevance(tiny_model: Factory, assert_no_ho
 
 
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
-def test_functional_activations_warn_for_lrp(composite: str, tiny_model: Factory) -> None:
-    with pytest.warns(UserWarning, match="no activation modules"):
-        Relevance(tiny_model("functional_relu"), composite)
+def test_functional_relu_alone_is_exact_for_lrp(composite: str, tiny_model: Factory) -> None:
+    """torch.relu gates relevance as a ReLU module's Pass rule does: no warning, the module twin's result."""
+    model, x = tiny_model("functional_relu"), unit_batch(3)
+    twin = nn.Sequential(nn.Flatten(), model.hidden, nn.ReLU(), model.out).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relevance = Relevance(model, composite)(x, 2)
+    torch.testing.assert_close(relevance, Relevance(twin, composite)(x, 2), rtol=1e-6, atol=1e-8)
+    assert float(relevance.abs().sum()) > 0
 
 
 def test_functional_activations_refuse_guided_backprop(tiny_model: Factory) -> None:
@@ -293,18 +363,84 @@ def test_unknown_composite_lists_the_valid_ones(tiny_model: Factory) -> None:
         assert name in str(error.value)
 
 
-def test_resnet18_gets_the_resnet_canonizer(assert_no_hooks: Callable) -> None:
+def randomized_batchnorms(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm's statistics and affine parameters drawn away from the identity
+    (seeded), so a canonizer that failed to merge them would change the relevance; float64, eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for tensor, (low, high) in [
+                    (module.weight, (0.5, 1.5)),
+                    (module.bias, (-0.2, 0.2)),
+                    (module.running_mean, (-0.2, 0.2)),
+                    (module.running_var, (0.5, 2.0)),
+                ]:
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model.double().eval()
+
+
+def tiny_vgg() -> torchvision.models.VGG:
+    """A torchvision VGG with BatchNorm shrunk to 8 and 16 channels and a 64-32-10 classifier: 16x16 inputs.
+
+    VGG always builds its 100M-parameter classifier; it is built on the meta device and replaced.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+        features = torchvision.models.vgg.make_layers([8, "M", 16, "M"], batch_norm=True)
+        with torch.device("meta"):
+            model = torchvision.models.VGG(features, num_classes=10, init_weights=True)
+        model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        model.classifier = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 10))
+    return randomized_batchnorms(model)
+
+
+def tiny_resnet18() -> torchvision.models.ResNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+    return randomized_batchnorms(model)
+
+
+def zennit_reference(
+    model: nn.Module, composite: Composite, x: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Relevance straight from Zennit: the composite's context, one-hot output relevance, autograd."""
+    leaf = x.clone().requires_grad_(True)
+    with composite.context(model) as hooked:
+        logits = hooked(leaf)
+        one_hot = nn.functional.one_hot(target, logits.shape[1]).to(logits)
+        (relevance,) = torch.autograd.grad(logits, leaf, grad_outputs=one_hot)
+    return relevance
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
+@pytest.mark.parametrize(
+    ("build", "canonizer", "side"),
+    [(tiny_vgg, VGGCanonizer, 16), (tiny_resnet18, ResNetCanonizer, 32)],
+    ids=["vgg", "resnet18"],
+)
+def test_torchvision_model_gets_its_canonizer_and_matches_zennit(
+    build: Callable[[], nn.Module], canonizer: type, side: int, composite: str, assert_no_hooks: Callable
+) -> None:
+    """Our (fast) relevance equals Zennit's stock composite with the model's canonizer, in float64; the
+    canonizer matters (without it the relevance differs) and the BatchNorm statistics are restored."""
+    model = build()
     before = state(model)
-    relevance = Relevance(model)
-    assert [type(c) for c in relevance.canonizers] == [ResNetCanonizer]
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    result = relevance(x, 3)
-    assert result.shape == (1, 3, 32, 32)
-    assert bool(torch.isfinite(result).all()) and float(result.abs().sum()) > 0
+    relevance = Relevance(model, composite)
+    assert [type(c) for c in relevance.canonizers] == [canonizer]
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor([3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = relevance(x, target)
     assert_no_hooks(model)
+    assert_same_state(before, model)
+    expected = zennit_reference(model, COMPOSITES[composite](canonizers=[canonizer()]), x, target)
+    uncanonized = zennit_reference(model, COMPOSITES[composite](), x, target)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+    assert not torch.allclose(expected, uncanonized, rtol=1e-2, atol=0)
     assert_same_state(before, model)
 
 
