@@ -8,7 +8,7 @@ to the plugin loop (thesis Algorithm 2), which normalizes before the model and s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from xaiadv.plugins.checks import check_inputs
 from xaiadv.plugins.features import model_dtype
+from xaiadv.plugins.modes import eval_mode
 
 from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
 
@@ -64,28 +65,25 @@ class LRPAttack(MinimizationAttack):
     def distance(self) -> Distance:
         return self._distance
 
-    def __call__(  # type: ignore[misc]  # Foolbox marks it @final; we only check first, then delegate
+    def __call__(  # type: ignore[misc]  # Foolbox marks it @final; we check first, then delegate
         self, model: Model, inputs: T, criterion: Any, *, epsilons: Any, **kwargs: Any
     ) -> Any:
-        """Foolbox's call, after checks of our own that Foolbox lacks: NaN, Inf or out-of-bounds inputs get
-        an error naming them (Foolbox's bound check is a bare assert), inputs whose dtype differs from the
-        torch module's are refused before the attack runs (Foolbox's own success check would fail after
-        it), and an empty batch returns empty results without calling the model."""
-        if isinstance(inputs, torch.Tensor):
-            check_inputs(inputs, (float(model.bounds[0]), float(model.bounds[1])), name="inputs")
-            self._check_dtype(model, inputs)
-            if len(inputs) == 0:
-                return _empty_outputs(inputs, epsilons)
-        return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
-
-    def _check_dtype(self, model: Model, inputs: torch.Tensor) -> None:
+        """Foolbox's call, with what Foolbox lacks around it: NaN, Inf or out-of-bounds inputs get an error
+        naming them (Foolbox's bound check is a bare assert); inputs whose dtype differs from the torch
+        module's are refused before the attack runs (Foolbox's success check would fail after it); an empty
+        batch returns empty results without calling the model; and the module stays in eval mode for the
+        whole call, restored after, so Foolbox's success check judges what the attack saw and cannot update
+        a train-mode BatchNorm's running statistics."""
+        x, restore_type = ep.astensor_(inputs)
+        if not isinstance(x.raw, torch.Tensor):  # run() refuses it, naming the type
+            return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
+        check_inputs(x.raw, (float(model.bounds[0]), float(model.bounds[1])), name="inputs")
         module = self.model if self.model is not None else module_of(model)
-        dtype = model_dtype(module, default=inputs.dtype)  # a module without parameters takes any
-        if inputs.dtype != dtype:
-            raise ValueError(
-                f"inputs have dtype {inputs.dtype} but the model's parameters {dtype}: Foolbox calls the "
-                f"model on the inputs as given; pass inputs.to({dtype})"
-            )
+        _check_dtype(module, x.raw)
+        if len(x.raw) == 0:
+            return _empty_outputs(x.raw, epsilons, restore_type)
+        with eval_mode(module):
+            return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
 
     def run(
         self,
@@ -125,14 +123,30 @@ class LRPAttack(MinimizationAttack):
         return f"{type(self).__name__}({', '.join(settings)})"
 
 
-def _empty_outputs(inputs: torch.Tensor, epsilons: Any) -> tuple[Any, Any, torch.Tensor]:
-    """What Foolbox's call returns for no samples: (raw, clipped, success), one per epsilon when a list."""
+def _check_dtype(module: nn.Module, inputs: torch.Tensor) -> None:
+    dtype = model_dtype(module, default=inputs.dtype)  # a module without parameters takes any
+    if inputs.dtype != dtype:
+        raise ValueError(
+            f"inputs have dtype {inputs.dtype} but the model's parameters {dtype}: Foolbox calls the "
+            f"model on the inputs as given; pass inputs.to({dtype})"
+        )
+
+
+def _empty_outputs(
+    inputs: torch.Tensor, epsilons: Any, restore_type: Callable[[Any], Any]
+) -> tuple[Any, ...]:
+    """What Foolbox's call returns for no samples, (raw, clipped, success), in the caller's tensor type:
+    one raw and one clipped per epsilon and success shaped (K, 0) when epsilons is a list."""
+
+    def copy() -> Any:
+        return restore_type(ep.astensor(inputs.clone()))
+
     if not isinstance(epsilons, Iterable):
-        return inputs.clone(), inputs.clone(), torch.zeros(0, dtype=torch.bool, device=inputs.device)
+        success = torch.zeros(0, dtype=torch.bool, device=inputs.device)
+        return copy(), copy(), restore_type(ep.astensor(success))
     count = len(list(epsilons))
-    raw = inputs.clone()
-    clipped = [inputs.clone() for _ in range(count)]
-    return [raw] * count, clipped, torch.zeros(count, 0, dtype=torch.bool, device=inputs.device)
+    success = torch.zeros(count, 0, dtype=torch.bool, device=inputs.device)
+    return [copy()] * count, [copy() for _ in range(count)], restore_type(ep.astensor(success))
 
 
 def _as_distance(distance: str | Distance) -> Distance:

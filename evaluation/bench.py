@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,7 +38,11 @@ STEP = 1.0 / 256.0
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One measurement: seconds per iteration (or per image), and its ratio to the row's reference."""
+    """One measurement: seconds per iteration (or per image), and its ratio to the row's reference.
+
+    Rows measured in several processes hold the median seconds, the median of the per-process ratios
+    and those ratios' (lowest, highest) in ``ratio_range``; other rows have ``ratio_range`` None.
+    """
 
     library: str
     name: str
@@ -46,6 +50,7 @@ class BenchRow:
     reference: str
     ratio: float
     unit: str
+    ratio_range: tuple[float, float] | None = None
 
 
 def _interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -129,6 +134,23 @@ def _in_fresh_process(function: Callable[..., list[BenchRow]], *args: object) ->
     """``function(*args)`` run in a newly spawned Python process (no state shared with this one)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def _across_processes(runs: list[list[BenchRow]]) -> list[BenchRow]:
+    """One row per name from the same rows measured in several processes: median seconds, median ratio
+    (each ratio measured side by side within one process) and the ratios' range."""
+    rows = []
+    for measured in zip(*runs, strict=True):
+        ratios = [row.ratio for row in measured]
+        rows.append(
+            replace(
+                measured[0],
+                seconds=statistics.median(row.seconds for row in measured),
+                ratio=statistics.median(ratios),
+                ratio_range=(min(ratios), max(ratios)),
+            )
+        )
+    return rows
 
 
 def _relative(library: str, seconds: dict[str, float], unit: str) -> list[BenchRow]:
@@ -260,24 +282,37 @@ def _timed(run: Callable[[], object]) -> float:
 
 
 def run_bench(
-    batch_size: int = 128, iterations: int = 10, repeats: int = 3, seed: int = 0, references: int = 60_000
+    batch_size: int = 128,
+    iterations: int = 10,
+    repeats: int = 3,
+    seed: int = 0,
+    references: int = 60_000,
+    processes: int = 3,
 ) -> list[BenchRow]:
     """Measure every row in this one run and return them; nothing is read from earlier runs.
 
     ``references``: images the detectors are fitted on (60,000, the Fashion-MNIST training set).
+    ``processes``: fresh processes each library's attack group is timed in. One process's ratios vary
+    by up to 25% from the next's (its allocation history sets malloc's thresholds and page faults),
+    more than within a process, so the rows give the median across processes and the range.
     """
     checked = (
         ("batch_size", batch_size),
         ("iterations", iterations),
         ("repeats", repeats),
         ("references", references),
+        ("processes", processes),
     )
     for name, value in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be an int > 0; got {value!r}")
-    rows = []
-    for library in ("art", "torchattacks"):
-        rows += _in_fresh_process(attack_rows, library, batch_size, iterations, repeats, seed)
+    runs: dict[str, list[list[BenchRow]]] = {"art": [], "torchattacks": []}
+    for _ in range(processes):  # libraries alternate, so drifting load reaches both alike
+        for library, library_runs in runs.items():
+            library_runs.append(
+                _in_fresh_process(attack_rows, library, batch_size, iterations, repeats, seed)
+            )
+    rows = [row for library_runs in runs.values() for row in _across_processes(library_runs)]
     model, x, y = _bench_inputs(batch_size, seed)
     return (
         rows

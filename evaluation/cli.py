@@ -121,6 +121,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range(ratio_range: tuple[float, float] | None) -> str:
+    return "" if ratio_range is None else f"{ratio_range[0]:.3g}-{ratio_range[1]:.3g}"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -129,15 +133,19 @@ def _bench(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         repeats=args.repeats,
         references=args.references,
+        processes=args.processes,
     )
     print(
-        f"batch {args.batch_size}, {args.iterations} iterations, early stop off, "
-        f"median of {args.repeats} interleaved runs\n"
+        f"batch {args.batch_size}, {args.iterations} iterations, early stop off, median of {args.repeats} "
+        f"interleaved runs; attacks: median over {args.processes} fresh processes (range: lowest-highest)\n"
     )
     print(
         format_table(
-            ("library", "attack", "seconds", "unit", "ratio", "ratio to"),
-            [(r.library, r.name, r.seconds, r.unit, r.ratio, r.reference) for r in rows],
+            ("library", "attack", "seconds", "unit", "ratio", "range", "ratio to"),
+            [
+                (r.library, r.name, r.seconds, r.unit, r.ratio, _range(r.ratio_range), r.reference)
+                for r in rows
+            ],
         )
     )
     return 0
@@ -182,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--references", type=int, default=60_000, help="images the detectors are fitted on")
+    bench.add_argument(
+        "--processes", type=int, default=3, help="fresh processes each library's attack group is timed in"
+    )
     bench.set_defaults(run=_bench)
     return parser
 

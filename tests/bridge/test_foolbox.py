@@ -340,6 +340,26 @@ def test_an_empty_batch_returns_empty_results_as_foolbox_shapes_them(
     assert model.calls == 0
 
 
+@pytest.mark.parametrize("mode", ["train", "train-frozen-bn"])
+def test_a_train_mode_model_keeps_its_modes_and_batchnorm_statistics(mode, tiny_model, digits) -> None:
+    """Foolbox's own success check calls the model: in train mode it would update BatchNorm's running
+    statistics. The adapter keeps the module in eval mode for the whole call and restores every flag."""
+    model = tiny_model("cnn_bn").train()
+    if mode == "train-frozen-bn":
+        model[1].eval()
+    modes = [module.training for module in model.modules()]
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    _, x, y = digits
+    with pytest.warns(UserWarning, match="training mode"):  # Foolbox's own warning at construction
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    raw, _, success = LRPGrad(**GRAD)(fmodel, x[:8], Misclassification(y[:8]), epsilons=[None])
+
+    assert [module.training for module in model.modules()] == modes
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(success[0], model.eval()(raw[0]).argmax(1) != y[:8])  # judged in eval mode
+
+
 def test_import_without_foolbox_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "foolbox", None)
     monkeypatch.delitem(sys.modules, "xaiadv.bridge.foolbox")

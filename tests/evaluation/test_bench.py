@@ -41,6 +41,7 @@ EXPECTED = {
         "SpatialEntropy.fit",
     ],
 }
+ATTACK_GROUPS = ("art", "torchattacks")
 UNITS = {
     "art": "s/iteration",
     "torchattacks": "s/iteration",
@@ -56,7 +57,7 @@ UNITS = {
 def rows() -> list[BenchRow]:
     with pytest.MonkeyPatch.context() as patch:  # no Fashion-MNIST: the detectors fit on noise
         patch.setattr(bench, "load_dataset", _missing)
-        return run_bench(batch_size=4, iterations=1, repeats=1, references=300)
+        return run_bench(batch_size=4, iterations=1, repeats=1, references=300, processes=2)
 
 
 def _missing(name: str) -> None:
@@ -79,8 +80,36 @@ def test_ratios_are_to_the_first_row_of_the_library(rows: list[BenchRow], librar
         assert row.reference == reference.name
         assert math.isfinite(row.seconds) and row.seconds > 0.0
         assert math.isfinite(row.ratio) and row.ratio > 0.0
-        assert row.ratio == pytest.approx(row.seconds / reference.seconds, rel=1e-12)
         assert row.unit == UNITS[library]
+        if library in ATTACK_GROUPS:  # medians across processes: the ratio lies within its measured range
+            assert row.ratio_range is not None
+            assert row.ratio_range[0] <= row.ratio <= row.ratio_range[1]
+        else:
+            assert row.ratio_range is None
+            assert row.ratio == pytest.approx(row.seconds / reference.seconds, rel=1e-12)
+    if library in ATTACK_GROUPS:
+        assert reference.ratio_range == (1.0, 1.0)
+
+
+def _row(name: str, seconds: float, ratio: float) -> BenchRow:
+    return BenchRow("art", name, seconds, "IFGSM", ratio, "s/iteration")
+
+
+def test_rows_across_processes_take_the_medians_and_the_range_of_the_ratios() -> None:
+    runs = [
+        [_row("IFGSM", 0.10, 1.0), _row("LRPGrad", 0.18, 1.8)],
+        [_row("IFGSM", 0.20, 1.0), _row("LRPGrad", 0.30, 1.5)],
+        [_row("IFGSM", 0.12, 1.0), _row("LRPGrad", 0.25, 2.1)],
+    ]
+    reference, grad = bench._across_processes(runs)
+    assert (reference.seconds, reference.ratio, reference.ratio_range) == (0.12, 1.0, (1.0, 1.0))
+    assert (grad.seconds, grad.ratio, grad.ratio_range) == (0.25, 1.8, (1.5, 2.1))
+    assert (grad.library, grad.name, grad.reference, grad.unit) == ("art", "LRPGrad", "IFGSM", "s/iteration")
+
+
+def test_rows_across_processes_refuse_runs_that_measured_different_rows() -> None:
+    with pytest.raises(ValueError, match="zip"):
+        bench._across_processes([[_row("IFGSM", 0.1, 1.0)], [_row("IFGSM", 0.1, 1.0), _row("X", 0.2, 2.0)]])
 
 
 def test_rows_are_frozen_values(rows: list[BenchRow]) -> None:
@@ -102,6 +131,8 @@ def test_rows_are_frozen_values(rows: list[BenchRow]) -> None:
         ({"repeats": "3"}, "repeats", "'3'"),
         ({"references": 0}, "references", "0"),
         ({"references": True}, "references", "True"),
+        ({"processes": 0}, "processes", "0"),
+        ({"processes": 1.5}, "processes", "1.5"),
     ],
 )
 def test_invalid_arguments_raise_before_any_work(

@@ -184,24 +184,31 @@ def test_errors_become_exit_code_2(
 def test_bench_prints_the_rows_of_run_bench(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[tuple[int, int, int, int]] = []
+    calls: list[tuple[int, int, int, int, int]] = []
 
-    def fake_run_bench(batch_size: int, iterations: int, repeats: int, references: int) -> list[BenchRow]:
-        calls.append((batch_size, iterations, repeats, references))
+    def fake_run_bench(
+        batch_size: int, iterations: int, repeats: int, references: int, processes: int
+    ) -> list[BenchRow]:
+        calls.append((batch_size, iterations, repeats, references, processes))
         return [
-            BenchRow("art", "IFGSM", 0.0123456, "IFGSM", 1.0, "s/iteration"),
-            BenchRow("art", "LRPGrad", 0.5, "IFGSM", 40.5, "s/iteration"),
+            BenchRow("art", "IFGSM", 0.0123456, "IFGSM", 1.0, "s/iteration", (1.0, 1.0)),
+            BenchRow("art", "LRPGrad", 0.5, "IFGSM", 40.5, "s/iteration", (38.25, 41.0)),
+            BenchRow("zennit", "gradient step", 0.25, "gradient step", 1.0, "s/batch"),
         ]
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
     argv = ["bench", "--batch-size", "4", "--iterations", "2", "--repeats", "1", "--references", "500"]
-    assert main(argv) == 0
-    assert calls == [(4, 2, 1, 500)]
+    assert main([*argv, "--processes", "2"]) == 0
+    assert calls == [(4, 2, 1, 500, 2)]
     out = capsys.readouterr().out
-    assert out.startswith("batch 4, 2 iterations, early stop off, median of 1 interleaved runs\n")
+    assert out.startswith(
+        "batch 4, 2 iterations, early stop off, median of 1 interleaved runs; "
+        "attacks: median over 2 fresh processes (range: lowest-highest)\n"
+    )
     assert _table_rows(out)[2:] == [
-        ["art", "IFGSM", "0.01235", "s/iteration", "1", "IFGSM"],
-        ["art", "LRPGrad", "0.5", "s/iteration", "40.5", "IFGSM"],
+        ["art", "IFGSM", "0.01235", "s/iteration", "1", "1-1", "IFGSM"],
+        ["art", "LRPGrad", "0.5", "s/iteration", "40.5", "38.2-41", "IFGSM"],
+        ["zennit", "gradient step", "0.25", "s/batch", "1", "", "gradient step"],
     ]
 
 
