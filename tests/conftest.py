@@ -62,6 +62,21 @@ def _cnn(channels: int, side: int, classes: int, *, inplace: bool = False) -> nn
     )
 
 
+def _cnn_maxpool(channels: int, side: int, classes: int) -> nn.Module:
+    """Two conv blocks with a max-pool between them and two dense layers, as the reference CNN."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * (side // 2) ** 2, 16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    )
+
+
 def _cnn_bias_free(channels: int, side: int, classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(channels, 4, 3, padding=1, bias=False),
@@ -100,6 +115,7 @@ TINY_MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "cnn_inplace": lambda channels, side, classes: _cnn(channels, side, classes, inplace=True),
     "cnn_bias_free": _cnn_bias_free,
     "cnn_bn": _cnn_bn,
+    "cnn_maxpool": _cnn_maxpool,
     "functional_relu": lambda channels, side, classes: FunctionalReLUNet(channels * side * side, classes),
 }
 
