@@ -3,9 +3,10 @@
 Same model (the VGG-style 28x28 reference CNN, random weights: speed does not depend on training), same
 random batch, early stop off, each attack through the adapter of the library it is compared with:
 ART's BasicIterativeMethod next to our ART adapters, torchattacks' BIM next to our torchattacks adapters.
-Ratios are to the IFGSM of the same library. Each library's group runs in a fresh process: glibc's malloc
-adapts its mmap threshold to the allocation history, so a group timed after another (ART's numpy buffers
-first) paid page faults the other did not, moving our ratios by up to 20% between runs.
+Ratios are to the IFGSM of the same library. Each library's group runs in fresh processes (``processes``
+of them, median and range reported): glibc's malloc adapts its mmap threshold to the allocation history,
+so a group timed after another paid page faults the other did not, and one process's ratios differ from
+the next's by up to 25%.
 
 Also: a relevance pass with Zennit's stock rules and with ours next to a gradient step, batched relevance
 vs one image at a time, and the detectors' scoring speed next to a forward pass (or a gradient step) and
