@@ -239,11 +239,6 @@ def zero_gradient_share(
     return zero / len(correct)
 
 
-def outputs_probabilities(logits: np.ndarray) -> bool:
-    """True when every output row is non-negative and sums to one: the model ends in a softmax."""
-    return bool(len(logits)) and bool((logits >= 0).all() and np.allclose(logits.sum(1), 1.0, atol=1e-4))
-
-
 def equal_asr_table(
     cells: dict[str, dict[str, Any]],
     norm_arrays: dict[str, dict[str, np.ndarray]],

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from xaiadv.plugins.checks import looks_like_probabilities
+
 from . import attack_study, detector_study
 from .config import RunConfig
 from .data import Dataset, DatasetNotFoundError, load_dataset, training_subset
@@ -342,7 +344,7 @@ def _checks(
     """The clean sample's zero-gradient share (thesis Table 4.2); whether the model outputs probabilities."""
     share = attack_study.zero_gradient_share(model, sample, batch_size, device)
     logits = attack_study.predict(model, sample.x[:batch_size], batch_size, device)
-    probabilities = attack_study.outputs_probabilities(logits)
+    probabilities = looks_like_probabilities(torch.from_numpy(logits))
     warnings = []
     if share is not None and share > 0.05:
         warnings.append(

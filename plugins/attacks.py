@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from zennit.canonizers import Canonizer
 from zennit.core import Composite
 
-from .checks import check_bounds, check_inputs, check_labels
-from .relevance import DEFAULT_COMPOSITE, Relevance, check_composite
+from .canonize import forward_errors_named
+from .checks import check_bounds, check_inputs, check_labels, looks_like_probabilities
+from .relevance import DEFAULT_COMPOSITE, Relevance, check_canonizers, check_composite
+
+PROBABILITY_WARNING = (
+    "the model outputs probabilities (rows >= 0 summing to 1), not logits: gradients through a softmax "
+    "saturate and gradient attacks weaken; pass the model without its final softmax"
+)
 
 #: Thesis Table 4.1 (MNIST, D = 784, n_iter = 100) as fractions of the input size, so they scale with it.
 DEFAULT_N_BATCH = {"flip": 5 / 784, "mean": 100 / 784, "grad": 300 / 784}
@@ -38,6 +46,8 @@ class AttackConfig:
     eps: step per iteration in input units; None = one 8-bit level of the bounds' range, (hi - lo) / 256,
         the thesis's 2/256 on [-1, 1]. n_batch: values changed per relevance pass, a count, or a fraction
         (0, 1] of the input size. relevance_every: recompute relevance every m iterations (1 = thesis).
+        canonizers: zennit canonizers for the relevance pass; None = BatchNorm merged by data flow and
+        torchvision residual blocks canonized (see :mod:`xaiadv.plugins.canonize`).
     """
 
     eps: float | None = None
@@ -51,6 +61,7 @@ class AttackConfig:
     flip_back: bool = False
     trace: bool = False
     seed: int = 0
+    canonizers: Sequence[Canonizer] | None = None
 
     def __post_init__(self) -> None:
         self._as_python_numbers()
@@ -70,6 +81,11 @@ class AttackConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         check_composite(self.composite)
+        if self.canonizers is not None:
+            check_canonizers(self.canonizers)
+            object.__setattr__(self, "canonizers", tuple(self.canonizers))
+            if isinstance(self.composite, Composite):
+                raise ValueError("canonizers= applies to named composites; build your Composite with them")
 
     def _as_python_numbers(self) -> None:
         """numpy scalars (np.float32(0.1), np.int64(3)) become Python numbers; bools stay as they are, so
@@ -408,7 +424,10 @@ def run_attack(
     # (LRP-grad is then IFGSM at IFGSM's cost).
     uses_relevance = pattern.needs_relevance and n_batch < input_size
     composite = config.composite if uses_relevance else Composite()  # no hooks, no BatchNorm merge
-    relevance = Relevance(model, composite, preprocessing=preprocessing, bounds=(low, high))
+    canonizers = config.canonizers if uses_relevance else None
+    relevance = Relevance(
+        model, composite, canonizers=canonizers, preprocessing=preprocessing, bounds=(low, high)
+    )
     if x.shape[0] == 0:
         return _empty_result(x, config)
     x_orig = x.detach().clamp(low, high)  # a copy; absorbs the rounding check_inputs tolerates
@@ -433,14 +452,17 @@ def run_attack(
 
 
 def _clean_forward(relevance: Relevance, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hooked forward of the clean batch, (z, logits), which is also the first iteration's forward;
-    a shape the model cannot take becomes a ValueError naming x."""
-    try:
+    """The hooked forward of the clean batch, (z, logits), which is also the first iteration's forward.
+
+    A model error becomes a ValueError naming x's shape, dtype and device; softmax outputs are warned
+    about: a gradient through a saturated softmax vanishes, which weakens every gradient-based attack.
+    """
+    with forward_errors_named(x):
         z, logits = relevance.forward(x)
-    except RuntimeError as error:
-        raise ValueError(f"x has shape {tuple(x.shape)}, which the model cannot take: {error}") from error
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits shaped (N, classes); got {tuple(logits.shape)}")
+    if looks_like_probabilities(logits.detach()):
+        warnings.warn(PROBABILITY_WARNING, UserWarning, stacklevel=4)
     return z, logits
 
 
@@ -594,6 +616,7 @@ ATTACK_PARAMS: dict[str, dict[str, Any]] = {
         "relevance_every": 1,
         "flip_back": False,
         "trace": False,
+        "canonizers": None,
     },
     "mean": {
         "eps": None,
@@ -604,6 +627,7 @@ ATTACK_PARAMS: dict[str, dict[str, Any]] = {
         "targeted": False,
         "relevance_every": 1,
         "trace": False,
+        "canonizers": None,
     },
     "grad": {
         "eps": None,
@@ -615,6 +639,7 @@ ATTACK_PARAMS: dict[str, dict[str, Any]] = {
         "relevance_every": 1,
         "momentum": 0.0,
         "trace": False,
+        "canonizers": None,
     },
 }
 ATTACK_PARAMS["grad_mean"] = dict(ATTACK_PARAMS["grad"])

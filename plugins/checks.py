@@ -95,3 +95,15 @@ def _from_one_hot(labels: torch.Tensor, name: str) -> torch.Tensor:
     if not is_binary or not bool(torch.all(labels.sum(1) == 1)):
         raise ValueError(f"{name} given as (N, K) must be one-hot: one 1 per row and 0 elsewhere")
     return labels.argmax(1)
+
+
+def looks_like_probabilities(outputs: torch.Tensor) -> bool:
+    """True when every output row is non-negative and sums to one: the model ends in a softmax.
+
+    A batch of one class's outputs (N, 1) is never taken for probabilities; the sums are checked in
+    float64 to 1e-4, looser than float32 rounding of a softmax over thousands of classes.
+    """
+    if outputs.dim() != 2 or outputs.shape[1] < 2 or outputs.numel() == 0:
+        return False
+    rows = outputs.detach().double()
+    return bool((rows >= 0).all()) and bool(((rows.sum(1) - 1).abs() <= 1e-4).all())

@@ -15,22 +15,28 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 from torch.autograd.graph import Node
-from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
+from zennit.canonizers import Canonizer
 from zennit.composites import COMPOSITES
 from zennit.core import Composite
-from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Activation, BatchNorm, Convolution
 
+from .canonize import (
+    PROBE_SAMPLES,
+    as_output,
+    check_canonized,
+    default_canonizers,
+    forward_errors_named,
+    model_restored,
+)
 from .features import model_dtype
+from .graph import ModuleNodes, inspect_graph, module_nodes
 from .modes import eval_mode
 from .rules import FAST_COMPOSITES
 
@@ -48,32 +54,6 @@ COMPOSITE_NAMES: tuple[str, ...] = (
 DEFAULT_COMPOSITE = "epsilon_plus_flat"
 
 Preprocessing = tuple[torch.Tensor, torch.Tensor] | None
-
-#: Autograd nodes of elementwise ops on two tensors. When both inputs depend on the model input (a residual
-#: h + f(h), a gate h * g(h)) the relevance pass hands each branch the full relevance: not conserved.
-_MERGE_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})
-#: Autograd nodes of elementwise activations, to find those called as functions rather than modules.
-_ACTIVATION_NODES = frozenset(
-    {
-        "ReluBackward0",
-        "ThresholdBackward0",
-        "LeakyReluBackward0",
-        "PreluKernelBackward0",
-        "RreluWithNoiseBackward0",
-        "EluBackward0",
-        "CeluBackward0",
-        "GeluBackward0",
-        "SiluBackward0",
-        "MishBackward0",
-        "SoftplusBackward0",
-        "SigmoidBackward0",
-        "LogSigmoidBackward0",
-        "TanhBackward0",
-        "HardtanhBackward0",
-        "HardsigmoidBackward0",
-        "HardswishBackward0",
-    }
-)
 
 
 def check_composite(composite: str | Composite) -> None:
@@ -125,30 +105,24 @@ def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
     return all(size in (1, full) for size, full in zip(shape[1:], target[1:], strict=True))
 
 
-def _has_torchvision_residual(model: nn.Module) -> bool:
-    blocks = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
-    return any(isinstance(module, blocks) for module in model.modules())
+def check_canonizers(canonizers: object) -> None:
+    """Refuse ``canonizers`` unless it is a sequence of zennit Canonizer instances."""
+    if isinstance(canonizers, (str, bytes)) or not isinstance(canonizers, Sequence):
+        raise TypeError(f"canonizers must be a list of zennit Canonizers or None; got {canonizers!r}")
+    wrong = [type(item).__name__ for item in canonizers if not isinstance(item, Canonizer)]
+    if wrong:
+        raise TypeError(f"canonizers must be zennit Canonizer instances; got {', '.join(wrong)}")
 
 
-def default_canonizers(model: nn.Module) -> list[Canonizer]:
-    """Canonizers a model needs for LRP to conserve relevance.
-
-    torchvision ResNets get Zennit's ResNetCanonizer (residual sums and BatchNorm), VGGs the VGGCanonizer,
-    any other model with BatchNorm the sequential BatchNorm merge. Residual blocks outside a torchvision
-    ResNet are refused: without a canonizer their sums do not conserve relevance.
-    """
-    if isinstance(model, torchvision.models.ResNet):
-        return [ResNetCanonizer()]
-    if _has_torchvision_residual(model):
+def _check_device(model: nn.Module, like: torch.Tensor) -> None:
+    """Refuse inputs on another device than the model's parameters and buffers, naming both."""
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+    if tensor is not None and tensor.device != like.device:
         raise ValueError(
-            "model contains torchvision residual blocks outside a torchvision ResNet; LRP would not conserve "
-            "relevance through their sums. Pass canonizers=[...] that handle them."
+            f"x is on device {like.device} but the model's parameters are on {tensor.device}; "
+            f"move x (x.to({str(tensor.device)!r})) or the model to one device"
         )
-    if isinstance(model, torchvision.models.VGG):
-        return [VGGCanonizer()]
-    if any(isinstance(module, BatchNorm) for module in model.modules()):
-        return [SequentialMergeBatchNorm()]
-    return []
 
 
 def _unmerged_batchnorms(model: nn.Module) -> list[str]:
@@ -189,100 +163,6 @@ def build_composite(
     if composite == "epsilon_gamma_box":
         return factory(low=box[0], high=box[1], canonizers=list(canonizers))
     return factory(canonizers=list(canonizers))
-
-
-@contextmanager
-def activation_module_nodes(model: nn.Module) -> Iterator[set[Node]]:
-    """The autograd nodes that activation modules create in the block's forwards (what the hooks see).
-
-    The recording hooks run before any other forward hook, so they see the module's own output, which
-    depends on its inputs only (a rule's replacement might not, and lead the walk out of the module);
-    they are removed on exit, even after an exception.
-    """
-    nodes: set[Node] = set()
-
-    def record(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
-            inputs = {
-                arg.grad_fn for arg in args if isinstance(arg, torch.Tensor) and arg.grad_fn is not None
-            }
-            nodes.update(_nodes_between(output.grad_fn, inputs))
-
-    modules = [module for module in model.modules() if isinstance(module, Activation)]
-    handles = [module.register_forward_hook(record, prepend=True) for module in modules]
-    try:
-        yield nodes
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _nodes_between(output: Node, inputs: set[Node]) -> set[Node]:
-    """``output`` and the nodes behind it down to, not including, the ``inputs`` nodes: one module's own
-    nodes (Tanhshrink's x - tanh(x) has three). An in-place module's output node is its input's: just it."""
-    found = {output}
-    stack = [] if output in inputs else [child for child, _ in output.next_functions]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in inputs and node not in found:
-            found.add(node)
-            stack.extend(child for child, _ in node.next_functions)
-    return found
-
-
-def _graph_nodes(root: Node) -> list[Node]:
-    """Every autograd node behind ``root``, each listed after all the nodes it leads to.
-
-    Iterative depth-first search (a deep network would overflow Python's recursion limit). A node is marked
-    when it is expanded, not when pushed, so one reached again deeper down is finished there first.
-    """
-    order: list[Node] = []
-    expanded: set[Node] = set()
-    stack: list[tuple[Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-        elif node not in expanded:
-            expanded.add(node)
-            stack.append((node, True))
-            stack.extend((child, False) for child, _ in node.next_functions if child is not None)
-    return order
-
-
-@dataclass(frozen=True)
-class GraphFindings:
-    """What a forward's autograd graph holds that the relevance hooks cannot handle, as node names.
-
-    ``merges``: elementwise Add/Sub/Mul nodes with two inputs that depend on the model input, outside an
-    activation module. ``functional_activations``: activation nodes on the model input's path that no
-    activation module produced.
-    """
-
-    merges: tuple[str, ...]
-    functional_activations: tuple[str, ...]
-
-
-def inspect_graph(z: torch.Tensor, root: Node, module_nodes: set[Node]) -> GraphFindings:
-    """Find branch merges and functional activations between the leaf ``z`` and the output node ``root``.
-
-    A bias addition or a constant factor does not merge branches (its other input is a parameter or no
-    tensor), nor does a concatenation, through which LRP conserves relevance. ``module_nodes`` are the
-    nodes created inside activation modules (:func:`activation_module_nodes`), which the hooks do see.
-    """
-    depends: dict[Node, bool] = {}
-    merges: list[str] = []
-    activations: list[str] = []
-    for node in _graph_nodes(root):
-        inputs = [depends[child] for child, _ in node.next_functions if child is not None]
-        depends[node] = getattr(node, "variable", None) is z or any(inputs)
-        if node in module_nodes:
-            continue
-        if node.name() in _MERGE_NODES and sum(inputs) >= 2:
-            merges.append(node.name())
-        elif node.name() in _ACTIVATION_NODES and depends[node]:
-            activations.append(node.name())
-    return GraphFindings(tuple(merges), tuple(activations))
 
 
 @dataclass(frozen=True)
@@ -338,10 +218,10 @@ class Relevance:
             )
         self.model = model
         self.composite = composite
-        if isinstance(composite, Composite):
-            self.canonizers = list(composite.canonizers)
-        else:
-            self.canonizers = list(default_canonizers(model) if canonizers is None else canonizers)
+        #: The caller's canonizers (a Composite's own); None: chosen by data flow when attached.
+        self.canonizers = list(composite.canonizers) if isinstance(composite, Composite) else canonizers
+        if self.canonizers is not None:
+            check_canonizers(self.canonizers)
         self.preprocessing = preprocessing
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.fast_rules = fast_rules
@@ -366,30 +246,32 @@ class Relevance:
                 "the relevance hooks cannot see; guided backprop would silently equal the plain gradient."
             )
 
-    def _check_graph(self, z: torch.Tensor, logits: object, module_nodes: set[Node]) -> None:
+    def _check_graph(self, z: torch.Tensor, logits: torch.Tensor, nodes: ModuleNodes) -> None:
         """Refuse or warn about what the first forward's graph shows the hooks cannot handle (nothing to
         inspect when the logits do not depend on z)."""
-        if not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
+        if logits.grad_fn is None:
             return
-        findings = inspect_graph(z, logits.grad_fn, module_nodes)
+        findings = inspect_graph(z, logits.grad_fn, nodes.activation)
         if findings.merges and self.composite != "guided_backprop":  # a gradient method: merges are exact
-            self._check_merges(findings.merges)
+            self._check_merges(findings.merges, nodes)
         if findings.functional_activations and isinstance(self.composite, str):
             self._check_functional(findings.functional_activations)
 
-    def _check_merges(self, merges: tuple[str, ...]) -> None:
-        """Refuse (named composite) or warn (Composite instance) about branch merges outside any module.
+    def _check_merges(self, merges: tuple[Node, ...], nodes: ModuleNodes) -> None:
+        """Refuse (named composite) or warn (Composite instance) about branch merges no module computes.
 
         No rule sees such a merge, so relevance flows through it as a gradient: a residual h + f(h) hands
         each branch the full relevance and doubles it (thesis eq. 2.16 fails). A canonizer turns the merge
-        into a module a rule handles.
+        into a module a rule handles. The message names the module whose forward computes each merge.
         """
+        places = sorted({f"{node.name()} in {nodes.describe(node, self.model)}" for node in merges})
+        shown = "; ".join(places[:3]) + (f"; and {len(places) - 3} more" if len(places) > 3 else "")
         message = (
-            f"model merges two input-dependent branches in {len(merges)} elementwise op(s) "
-            f"({', '.join(sorted(set(merges)))}) outside any module, as a hand-written residual h + f(h) "
-            "does: LRP would pass relevance into both branches as a gradient and not conserve it. Pass "
-            "canonizers=[...] that turn each merge into a module Zennit's rules handle (zennit.layer.Sum "
-            "over torch.stack, as zennit.torchvision.ResNetCanonizer does)"
+            f"model merges two input-dependent branches in {len(merges)} elementwise op(s) written in a "
+            f"forward, not as modules ({shown}), as a hand-written residual h + f(h) does: LRP would pass "
+            "relevance into both branches as a gradient and not conserve it. Pass canonizers=[...] that turn "
+            "each merge into a module Zennit's rules handle (zennit.layer.Sum over torch.stack, as "
+            "zennit.torchvision.ResNetCanonizer does), or n_batch=1.0 for an attack (no relevance needed)"
         )
         if isinstance(self.composite, str):
             raise ValueError(message + ".")
@@ -429,48 +311,77 @@ class Relevance:
     def attached(self, like: torch.Tensor) -> Iterator[Relevance]:
         """Register canonizers and hooks once, in eval mode; undo both on exit, even after an exception.
 
-        ``like`` is an input batch: it sets the device and the shape of the preprocessing tensors.
+        ``like`` is an input batch: it sets the device and the shape of the preprocessing tensors, and its
+        first samples are the probe that chooses the BatchNorm merges (by data flow) and proves that the
+        canonized model computes the original logits. Every parameter, buffer, submodule, attribute and
+        hook is as before on exit, also when a canonizer or hook raised half-way (:func:`model_restored`).
         """
         if self._active is not None:
             yield self
             return
+        _check_device(self.model, like)
         self._norm = as_preprocessing(self.preprocessing, like)
         low, high = (
             torch.full((1,), bound, dtype=torch.float64, device=like.device) for bound in self.bounds
         )
         box = (self.normalize(low).to(self.param_dtype), self.normalize(high).to(self.param_dtype))
-        composite = build_composite(self.composite, self.canonizers, box, fast_rules=self.fast_rules)
-        with eval_mode(self.model):
+        with eval_mode(self.model), model_restored(self.model):
+            with forward_errors_named(like):
+                canonizers = self._canonizers_checked(
+                    self.normalize(like[:PROBE_SAMPLES]).to(self.param_dtype)
+                )
+            composite = build_composite(self.composite, canonizers, box, fast_rules=self.fast_rules)
             try:
                 composite.register(self.model)
                 self._active = composite
-                unmerged = _unmerged_batchnorms(self.model) if len(composite.hook_refs) else []
-                if unmerged:
-                    raise ValueError(
-                        f"BatchNorm layers {unmerged} are not merged into a preceding linear layer, so "
-                        "relevance would not be conserved; pass canonizers=[...] (for a Composite: build it "
-                        "with them)"
-                    )
+                self._check_merged(composite)
                 self._graph_unchecked = isinstance(self.composite, str) or bool(composite.hook_refs)
                 yield self
             finally:
                 self._active = None
                 composite.remove()
 
+    def _canonizers_checked(self, z: torch.Tensor) -> list[Canonizer]:
+        """The canonizers for this model (the caller's, or chosen by data flow from a forward of ``z``),
+        refused unless the canonized model computes the same logits on ``z``."""
+        if self.canonizers is None:
+            refuse = self.composite != "guided_backprop"  # a gradient method is exact through a BatchNorm
+            canonizers = default_canonizers(self.model, z, refuse_unmergeable=refuse)
+        else:
+            canonizers = list(self.canonizers)
+        if canonizers:
+            with torch.no_grad():
+                reference = as_output(self.model(z))
+            check_canonized(self.model, z, reference, canonizers)
+        return canonizers
+
+    def _check_merged(self, composite: Composite) -> None:
+        """Refuse BatchNorms the caller's canonizers left in place under LRP rules (not conserving)."""
+        if self.canonizers is None or not composite.hook_refs or self.composite == "guided_backprop":
+            return
+        unmerged = _unmerged_batchnorms(self.model)
+        if unmerged:
+            raise ValueError(
+                f"BatchNorm layers {unmerged} are not merged into a linear layer by the canonizers given, so "
+                "relevance would not be conserved; pass canonizers=[...] that merge them (for a Composite: "
+                "build it with them), or canonizers=None to merge by data flow"
+            )
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward through the hooked model: returns (normalized leaf z, logits).
 
         z requires grad; the gradient and relevance backward passes both start from these logits. The first
         forward with gradients in an attached context has its graph inspected (once: an attack loop does
-        not pay it per iteration), which may raise a ValueError or warn (see the class docstring).
+        not pay it per iteration), which may raise a ValueError or warn (see the class docstring). An output
+        other than one tensor (a tuple, a dict) is a TypeError.
         """
         self._require_attached()
         z = self.normalize(x).to(self.param_dtype).detach().requires_grad_(True)
         if not (self._graph_unchecked and torch.is_grad_enabled()):
-            return z, self.model(z)
-        with activation_module_nodes(self.model) as module_nodes:
-            logits = self.model(z)
-        self._check_graph(z, logits, module_nodes)
+            return z, as_output(self.model(z))
+        with module_nodes(self.model) as nodes:
+            logits = as_output(self.model(z))
+        self._check_graph(z, logits, nodes)
         self._graph_unchecked = False
         return z, logits
 
@@ -533,11 +444,3 @@ class Relevance:
                 f"{tuple(tensor.shape)}, dtype {tensor.dtype}"
             )
         return tensor.long()
-
-
-def loss_fn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy: per-sample gradients do not shrink with the batch size (as ART's and IFGSM's)."""
-    return nn.functional.cross_entropy(logits, labels, reduction="sum")
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

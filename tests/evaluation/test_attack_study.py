@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from xaiadv.evaluation import attack_study
-from xaiadv.evaluation.attack_study import Sample, attack_warnings, equal_asr_table, outputs_probabilities
+from xaiadv.evaluation.attack_study import Sample, attack_warnings, equal_asr_table
+from xaiadv.plugins.checks import looks_like_probabilities
 
 
 def _cell(name: str, asr: float, n_success: int, n_correct: int = 4, status: str = "done") -> dict[str, Any]:
@@ -76,8 +77,8 @@ def test_warns_when_a_single_step_or_black_box_attack_beats_every_iterative_one(
 
 def test_probability_outputs_are_recognized() -> None:
     logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
-    assert not outputs_probabilities(logits)
-    assert outputs_probabilities(attack_study.softmax(logits))
+    assert not looks_like_probabilities(torch.from_numpy(logits))
+    assert looks_like_probabilities(torch.from_numpy(attack_study.softmax(logits)))
 
 
 def test_zero_gradient_share_counts_samples_with_an_all_zero_gradient() -> None:

@@ -80,7 +80,7 @@ INPUT_CASES = {
     "numpy-x": BadInput("must be a torch.Tensor", x=lambda x: x.numpy(), error=TypeError),
     "unbatched-x": BadInput("must be a batch shaped", x=lambda x: x[0, 0, 0]),
     "wrong-shape": BadInput(
-        "which the model cannot take", x=lambda x: x[:, :, :7, :7], before_any_work=False
+        r"forward failed on x \(shape \(2, 1, 7, 7\)", x=lambda x: x[:, :, :7, :7], before_any_work=False
     ),
     # The class count comes from the model's first forward: only the checks that need it run after one.
     "label-too-large": BadInput(r"class indices in \[0, 9\]", y=[10, 1], before_any_work=False),

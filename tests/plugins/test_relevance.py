@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES, EpsilonPlus
 from zennit.core import Composite
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
+from xaiadv.plugins.canonize import plan_batchnorm_merges
 from xaiadv.plugins.relevance import COMPOSITE_NAMES, Relevance
 
 Factory = Callable[..., nn.Module]
@@ -306,7 +306,7 @@ def test_batchnorm_is_merged_for_the_pass_and_restored(
     model, x = tiny_model("cnn_bn"), unit_batch(4)
     before = state(model)
     relevance = Relevance(model, composite)
-    assert any(isinstance(c, SequentialMergeBatchNorm) for c in relevance.canonizers)
+    assert plan_batchnorm_merges(model, x).pairs == (("0", "1"),)
     target = predicted(model, x)
     expected = Relevance(merged_by_hand(model), composite)(x, target)
     torch.testing.assert_close(relevance(x, target), expected, rtol=1e-4, atol=1e-6)
@@ -397,6 +397,26 @@ def zennit_reference(
     return relevance
 
 
+def folded_by_hand(model: nn.Module) -> nn.Module:
+    """A copy of a torchvision model with each BatchNorm folded into the convolution declared just before
+    it (right for VGG and ResNet) and replaced by nn.Identity: w * g / s, (b - mu) * g / s + beta."""
+    folded = copy.deepcopy(model)
+    previous: tuple[nn.Module, str, nn.Conv2d] | None = None
+    for parent in list(folded.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                previous = (parent, name, child)
+            elif isinstance(child, nn.BatchNorm2d) and previous is not None:
+                conv = previous[2]
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(child.bias)
+                conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - child.running_mean) * scale + child.bias)
+                setattr(parent, name, nn.Identity())
+                previous = None
+    return folded.eval()
+
+
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
 @pytest.mark.parametrize(
     ("build", "canonizer", "side"),
@@ -406,12 +426,13 @@ def zennit_reference(
 def test_torchvision_model_gets_its_canonizer_and_matches_zennit(
     build: Callable[[], nn.Module], canonizer: type, side: int, composite: str, assert_no_hooks: Callable
 ) -> None:
-    """Our (fast) relevance equals Zennit's stock composite with the model's canonizer, in float64; the
-    canonizer matters (without it the relevance differs) and the BatchNorm statistics are restored."""
+    """Our (fast) relevance equals Zennit's stock composite with the model's canonizer on the model with its
+    BatchNorms folded by hand, in float64 (Zennit's own merge leaves each BatchNorm as x / sqrt(1 + eps),
+    which ours does not); the canonizer matters and the BatchNorm statistics are restored."""
     model = build()
     before = state(model)
     relevance = Relevance(model, composite)
-    assert [type(c) for c in relevance.canonizers] == [canonizer]
+    assert relevance.canonizers is None  # chosen by data flow when attached
     x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     target = torch.tensor([3])
     with warnings.catch_warnings():
@@ -419,7 +440,9 @@ def test_torchvision_model_gets_its_canonizer_and_matches_zennit(
         ours = relevance(x, target)
     assert_no_hooks(model)
     assert_same_state(before, model)
-    expected = zennit_reference(model, COMPOSITES[composite](canonizers=[canonizer()]), x, target)
+    expected = zennit_reference(
+        folded_by_hand(model), COMPOSITES[composite](canonizers=[canonizer()]), x, target
+    )
     uncanonized = zennit_reference(model, COMPOSITES[composite](), x, target)
     assert float(expected.abs().max()) > 0
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
@@ -427,8 +450,22 @@ def test_torchvision_model_gets_its_canonizer_and_matches_zennit(
     assert_same_state(before, model)
 
 
-def test_resnet_blocks_outside_a_resnet_are_refused() -> None:
-    block = torchvision.models.resnet.BasicBlock(3, 3)
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="residual blocks outside a torchvision ResNet"):
-        Relevance(model)
+def test_resnet_blocks_outside_a_resnet_are_canonized_as_zennit_does() -> None:
+    """torchvision residual blocks in any model get Zennit's block canonizers (their sums become Sum
+    modules) next to the BatchNorm merge: the relevance equals Zennit's ResNetCanonizer's on the model
+    with its BatchNorms folded by hand, in float64."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = torchvision.models.resnet.BasicBlock(3, 3)
+        model = nn.Sequential(
+            nn.Conv2d(3, 3, 1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)
+        )
+    model = randomized_batchnorms(model).double().eval()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = Relevance(model, "epsilon_plus_flat")(x, target)
+    composite = COMPOSITES["epsilon_plus_flat"](canonizers=[ResNetCanonizer()])
+    expected = zennit_reference(folded_by_hand(model), composite, x, target)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
