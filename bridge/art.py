@@ -130,8 +130,8 @@ def _params(pattern: str) -> list[str]:
 class LRPFlip(_ARTLRPAttack):
     """LRP-flip / batch-flip (thesis Algorithms 3-5) as an ART evasion attack; untargeted.
 
-    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, batch_size,
-    verbose.
+    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, canonizers,
+    batch_size, verbose.
     """
 
     pattern = ATTACK_CLASSES["LRPFlip"]
@@ -141,7 +141,8 @@ class LRPFlip(_ARTLRPAttack):
 class LRPMean(_ARTLRPAttack):
     """LRP-mean (thesis Algorithm 6) as an ART evasion attack; untargeted.
 
-    Parameters: eps, n_batch, max_iter, early_stop, composite, relevance_every, trace, batch_size, verbose.
+    Parameters: eps, n_batch, max_iter, early_stop, composite, relevance_every, trace, canonizers, batch_size,
+    verbose.
     """
 
     pattern = ATTACK_CLASSES["LRPMean"]
@@ -152,7 +153,8 @@ class LRPGrad(_ARTLRPAttack):
     """LRP-grad (thesis Algorithm 7) as an ART evasion attack; targeted or not.
 
     Parameters: eps, n_batch, max_iter, early_stop, composite, targeted, relevance_every, momentum, trace,
-    batch_size, verbose. With n_batch=1.0 (all values) it is ART's BasicIterativeMethod without projection.
+    canonizers, batch_size, verbose. With n_batch=1.0 (all values) it is ART's BasicIterativeMethod without
+    projection.
     """
 
     pattern = ATTACK_CLASSES["LRPGrad"]

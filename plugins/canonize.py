@@ -49,8 +49,8 @@ def forward_errors_named(x: torch.Tensor) -> Iterator[None]:
         yield
     except RuntimeError as error:
         raise ValueError(
-            f"the model's forward failed on x (shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}); "
-            f"is x shaped as the model expects? {error}"
+            f"the model's forward failed on x (shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}): "
+            f"{error}"
         ) from error
 
 
@@ -230,13 +230,24 @@ def _canonized_difference(
         instances: list[Canonizer] = []
         try:
             for canonizer in canonizers:
-                instances += canonizer.apply(model)
+                instances += _applied(canonizer, model)
             with torch.no_grad():
                 logits = as_output(model(z))
         finally:
             for instance in reversed(instances):
                 instance.remove()
     return float((logits.double() - reference.double()).abs().max()) if logits.numel() else 0.0
+
+
+def _applied(canonizer: Canonizer, model: nn.Module) -> list[Canonizer]:
+    """``canonizer.apply(model)``; its failure (a merge of mismatched layers) named as the canonizer's."""
+    try:
+        return canonizer.apply(model)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the canonizer {type(canonizer).__name__} failed on this model ({error}); the model is left "
+            "as it was. Pass canonizers=[...] that fit its layers, or None to merge BatchNorms by data flow"
+        ) from error
 
 
 @dataclass
