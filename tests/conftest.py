@@ -122,6 +122,36 @@ TINY_MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
 ModelFactory = Callable[..., nn.Module]
 
 
+def randomize_batchnorms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """``model`` with every BatchNorm's statistics and affine parameters drawn away from the identity
+    (seeded), so that a merge into the wrong layer, or none, changes what the model computes; eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for tensor, (low, high) in [
+                    (module.weight, (0.5, 1.5)),
+                    (module.bias, (-0.3, 0.3)),
+                    (module.running_mean, (-0.3, 0.3)),
+                    (module.running_var, (0.5, 2.0)),
+                ]:
+                    tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def seeded_with_batchnorms() -> Callable[[Callable[[], nn.Module]], nn.Module]:
+    """``seeded_with_batchnorms(build)``: ``build()`` under torch seed 0 (the global RNG is left as it was),
+    its BatchNorms randomized (:func:`randomize_batchnorms`), in eval mode."""
+
+    def seeded(build: Callable[[], nn.Module]) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return randomize_batchnorms(build())
+
+    return seeded
+
+
 def build_tiny_model(
     name: str,
     *,

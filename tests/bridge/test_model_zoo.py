@@ -33,27 +33,11 @@ ZOO: dict[str, str | None] = {
 PARAMS = {"max_iter": 2}
 
 
-def build(name: str) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(weights=None, num_classes=10)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                for tensor, (low, high) in [
-                    (module.weight, (0.5, 1.5)),
-                    (module.bias, (-0.3, 0.3)),
-                    (module.running_mean, (-0.3, 0.3)),
-                    (module.running_var, (0.5, 2.0)),
-                ]:
-                    tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=list(ZOO))
-def zoo_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
-    model = build(request.param)
+def zoo_model(
+    request: pytest.FixtureRequest, seeded_with_batchnorms: Callable
+) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
+    model = seeded_with_batchnorms(lambda: getattr(torchvision.models, request.param)(num_classes=10))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model(x).argmax(1)

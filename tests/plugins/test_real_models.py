@@ -26,28 +26,6 @@ from xaiadv.plugins.canonize import (
 from xaiadv.plugins.relevance import Relevance
 
 
-def randomize_batchnorms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Every BatchNorm's statistics and affine parameters drawn away from the identity (seeded), eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                for tensor, (low, high) in [
-                    (module.weight, (0.5, 1.5)),
-                    (module.bias, (-0.3, 0.3)),
-                    (module.running_mean, (-0.3, 0.3)),
-                    (module.running_var, (0.5, 2.0)),
-                ]:
-                    tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
-    return model.eval()
-
-
-def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return randomize_batchnorms(build())
-
-
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -103,17 +81,21 @@ class BatchNormsDeclaredLast(nn.Module):
 # ---------------------------------------------------------------- 1. the merge follows the data flow
 
 
-def test_batchnorm_is_paired_with_the_layer_that_feeds_it_not_the_one_declared_before_it() -> None:
-    model, x = seeded(DeclaredOutOfOrder), images(4)
+def test_batchnorm_is_paired_with_the_layer_that_feeds_it_not_the_one_declared_before_it(
+    seeded_with_batchnorms: Callable,
+) -> None:
+    model, x = seeded_with_batchnorms(DeclaredOutOfOrder), images(4)
     assert plan_batchnorm_merges(model, x).pairs == (("conv_in", "bn"),)
-    model = seeded(BatchNormsDeclaredLast)
+    model = seeded_with_batchnorms(BatchNormsDeclaredLast)
     assert plan_batchnorm_merges(model, x).pairs == (("conv1", "bn1"), ("conv2", "bn2"))
 
 
-def test_the_attack_sees_the_models_own_logits_and_its_successes_are_real() -> None:
+def test_the_attack_sees_the_models_own_logits_and_its_successes_are_real(
+    seeded_with_batchnorms: Callable,
+) -> None:
     """Before: 64/64 reported successes, 0 real ones, logits off by up to 0.62. Now the logits the attack
     works on equal the model's and every reported success is a misclassification of the real model."""
-    model, x = seeded(DeclaredOutOfOrder), images(64)
+    model, x = seeded_with_batchnorms(DeclaredOutOfOrder), images(64)
     with torch.no_grad():
         logits = model(x)
     y = logits.argmax(1)
@@ -128,7 +110,9 @@ def test_the_attack_sees_the_models_own_logits_and_its_successes_are_real() -> N
     assert int(result.success.sum()) >= 1  # the attack does something: the comparison is not vacuous
 
 
-def test_a_batchnorm_no_linear_layer_feeds_is_refused_naming_it_and_its_source() -> None:
+def test_a_batchnorm_no_linear_layer_feeds_is_refused_naming_it_and_its_source(
+    seeded_with_batchnorms: Callable,
+) -> None:
     class PooledThenNormalized(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -141,7 +125,7 @@ def test_a_batchnorm_no_linear_layer_feeds_is_refused_naming_it_and_its_source()
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.bn(self.pool(self.relu(self.conv(x)))).flatten(1))
 
-    model, x = seeded(PooledThenNormalized), images(2)
+    model, x = seeded_with_batchnorms(PooledThenNormalized), images(2)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"bn: its input comes from layer pool, not straight from a linear"):
         lrp_grad(model, x, max_iter=2)
@@ -150,7 +134,7 @@ def test_a_batchnorm_no_linear_layer_feeds_is_refused_naming_it_and_its_source()
     assert Relevance(model, "guided_backprop")(x, 0).shape == x.shape
 
 
-def test_a_linear_output_used_twice_is_not_merged() -> None:
+def test_a_linear_output_used_twice_is_not_merged(seeded_with_batchnorms: Callable) -> None:
     """Merging would change conv's output for its second consumer too."""
 
     class Shared(nn.Module):
@@ -164,15 +148,15 @@ def test_a_linear_output_used_twice_is_not_merged() -> None:
             h = self.conv(x)
             return self.fc(torch.cat([self.bn(h), h], 2)[:, :, :8].flatten(1))
 
-    model = seeded(Shared)
+    model = seeded_with_batchnorms(Shared)
     plan = plan_batchnorm_merges(model, images(2))
     assert plan.pairs == ()
     assert plan.unmergeable == ("bn: the output of the layer feeding it, conv, is also used elsewhere",)
 
 
-def test_a_canonizer_that_changes_the_function_is_refused_by_name() -> None:
+def test_a_canonizer_that_changes_the_function_is_refused_by_name(seeded_with_batchnorms: Callable) -> None:
     """Zennit's sequential merge on the misordered model: the one-forward check catches it."""
-    model, x = seeded(DeclaredOutOfOrder), images(4)
+    model, x = seeded_with_batchnorms(DeclaredOutOfOrder), images(4)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"changes its logits by up to .*: SequentialMergeBatchNorm"):
         lrp_grad(model, x, max_iter=2, canonizers=[SequentialMergeBatchNorm()])
@@ -180,10 +164,12 @@ def test_a_canonizer_that_changes_the_function_is_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_data_flow_merge_keeps_the_logits_to_the_dtypes_precision(dtype: torch.dtype) -> None:
+def test_the_data_flow_merge_keeps_the_logits_to_the_dtypes_precision(
+    seeded_with_batchnorms: Callable, dtype: torch.dtype
+) -> None:
     """The merged BatchNorm is exactly the identity (Zennit's leaves x / sqrt(1 + eps)), so the check holds
     in float64 too, where Zennit's own merge is off by 1e-6."""
-    model, x = seeded(BatchNormsDeclaredLast).to(dtype), images(4).to(dtype)
+    model, x = seeded_with_batchnorms(BatchNormsDeclaredLast).to(dtype), images(4).to(dtype)
     with torch.no_grad():
         reference = model(x)
     pairs = plan_batchnorm_merges(model, x).pairs
@@ -208,9 +194,11 @@ def test_densenet_is_refused_clearly_and_left_intact() -> None:
         assert net(x).shape == (2, 10)
 
 
-def test_a_misordered_zennit_merge_that_raises_half_way_leaves_the_model_intact() -> None:
+def test_a_misordered_zennit_merge_that_raises_half_way_leaves_the_model_intact(
+    seeded_with_batchnorms: Callable,
+) -> None:
     """Widths 16 and 32: Zennit folds bn1 (16) into conv2 (32 channels) and raises inside its merge."""
-    model, x = seeded(BatchNormsDeclaredLast), images(2)
+    model, x = seeded_with_batchnorms(BatchNormsDeclaredLast), images(2)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"canonizer SequentialMergeBatchNorm failed on this model.*size"):
         lrp_grad(model, x, max_iter=2, canonizers=[SequentialMergeBatchNorm()])
@@ -235,8 +223,10 @@ class RaisingCanonizer(Canonizer):
         return None
 
 
-def test_a_canonizer_raising_half_way_is_undone_bit_for_bit(assert_no_hooks: Callable) -> None:
-    model, x = seeded(BatchNormsDeclaredLast), images(2)
+def test_a_canonizer_raising_half_way_is_undone_bit_for_bit(
+    seeded_with_batchnorms: Callable, assert_no_hooks: Callable
+) -> None:
+    model, x = seeded_with_batchnorms(BatchNormsDeclaredLast), images(2)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"canonizer RaisingCanonizer failed .*\(canonizer failed half-way"):
         Relevance(model, canonizers=[RaisingCanonizer()])(x, 0)
@@ -245,8 +235,10 @@ def test_a_canonizer_raising_half_way_is_undone_bit_for_bit(assert_no_hooks: Cal
     assert model.conv1.bias is not None and "forward" not in vars(model.fc)
 
 
-def test_a_hook_raising_mid_attack_leaves_the_merged_model_restored(assert_no_hooks: Callable) -> None:
-    model, x = seeded(DeclaredOutOfOrder), images(4)
+def test_a_hook_raising_mid_attack_leaves_the_merged_model_restored(
+    seeded_with_batchnorms: Callable, assert_no_hooks: Callable
+) -> None:
+    model, x = seeded_with_batchnorms(DeclaredOutOfOrder), images(4)
     before = snapshot(model)
     calls = []
 
@@ -266,8 +258,10 @@ def test_a_hook_raising_mid_attack_leaves_the_merged_model_restored(assert_no_ho
     assert_no_hooks(model)
 
 
-def test_model_restored_puts_back_replaced_tensors_and_added_attributes() -> None:
-    model = seeded(DeclaredOutOfOrder)
+def test_model_restored_puts_back_replaced_tensors_and_added_attributes(
+    seeded_with_batchnorms: Callable,
+) -> None:
+    model = seeded_with_batchnorms(DeclaredOutOfOrder)
     before = snapshot(model)
     weight = model.conv_in.weight
     with pytest.raises(KeyError), model_restored(model):
@@ -284,9 +278,9 @@ def test_model_restored_puts_back_replaced_tensors_and_added_attributes() -> Non
 # ---------------------------------------------------------------- 3. clear errors for ordinary layouts
 
 
-def test_bn_declared_after_both_convs_is_attacked_not_refused() -> None:
+def test_bn_declared_after_both_convs_is_attacked_not_refused(seeded_with_batchnorms: Callable) -> None:
     """Before: a raw 'size of tensor a (32) must match the size of tensor b (16)' from Zennit's merge."""
-    model, x = seeded(BatchNormsDeclaredLast), images(8)
+    model, x = seeded_with_batchnorms(BatchNormsDeclaredLast), images(8)
     y = model(x).argmax(1)
     result = lrp_mean(model, x, y, max_iter=3)
     with torch.no_grad():
