@@ -11,13 +11,14 @@ targeted), as the thesis's algorithms do (c_t = c_a). Distances are measured in 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,24 @@ PROBABILITY_WARNING = (
 #: Thesis Table 4.1 (MNIST, D = 784, n_iter = 100) as fractions of the input size, so they scale with it.
 DEFAULT_N_BATCH = {"flip": 5 / 784, "mean": 100 / 784, "grad": 300 / 784}
 DEFAULT_MAX_ITER = 100
+
+
+def _relevance_parameters(*specific: str) -> tuple[str, ...]:
+    """The parameters of a relevance-driven attack, with its ``specific`` ones before ``trace``."""
+    return (
+        "n_batch",
+        "max_iter",
+        "early_stop",
+        "composite",
+        "targeted",
+        "relevance_every",
+        *specific,
+        "trace",
+        "canonizers",
+    )
+
+
+RELEVANCE_PARAMETERS = _relevance_parameters()
 
 
 @dataclass(frozen=True)
@@ -155,44 +174,78 @@ class AttackResult:
     trace: AttackTrace | None = None
 
 
+@dataclass(frozen=True)
+class StepConstants:
+    """What every step of one call shares: the step size, the bounds, the values changed per pass, the
+    noise generator. Built once per call."""
+
+    eps: float
+    low: float
+    high: float
+    n_batch: int
+    generator: torch.Generator
+
+
 @dataclass
 class StepState:
     """What a pattern sees for the samples still being attacked (all tensors hold those rows only).
 
-    ``rows`` indexes the full-batch ``memory``: a slice while every sample is active (views, no copies).
+    ``rows`` indexes the full-batch ``memory`` (the pattern's own): a slice while every sample is active
+    (views, no copies).
     """
 
     x_adv: torch.Tensor
     x_orig: torch.Tensor
     gradient: torch.Tensor | None
     relevance: torch.Tensor | None
-    n_batch: int
-    eps: float
-    low: float
-    high: float
     rows: torch.Tensor | slice
-    memory: dict[str, torch.Tensor] = field(default_factory=dict)
-    generator: torch.Generator | None = None
+    constants: StepConstants
+    memory: Any
+
+    @property
+    def eps(self) -> float:
+        return self.constants.eps
+
+    @property
+    def low(self) -> float:
+        return self.constants.low
+
+    @property
+    def high(self) -> float:
+        return self.constants.high
+
+    @property
+    def n_batch(self) -> int:
+        return self.constants.n_batch
 
 
 class Pattern(ABC):
     """An adversarial pattern: how x~ changes in one iteration (thesis eq. 2.31 and Algorithms 3-8).
 
-    ``memory`` holds full-batch per-sample state (flip masks, momentum, channel means) across iterations;
-    ``init_memory`` fills it once from the original batch.
+    ``parameters`` are the AttackConfig fields the attack takes, ``defaults`` those whose default differs
+    from AttackConfig's (one place for each). ``init_memory`` returns the pattern's own full-batch state
+    across iterations (flip masks, momentum, channel means), or None.
     """
 
-    name = "pattern"
-    needs_gradient = False
-    needs_relevance = True
-    supports_targeted = False
+    name: ClassVar[str] = "pattern"
+    needs_gradient: ClassVar[bool] = False
+    needs_relevance: ClassVar[bool] = True
+    supports_targeted: ClassVar[bool] = False
+    parameters: ClassVar[tuple[str, ...]] = RELEVANCE_PARAMETERS
+    defaults: ClassVar[dict[str, Any]] = {}
 
-    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
-        return {}
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> Any:
+        return None
 
     @abstractmethod
-    def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
+    def step(self, state: StepState, config: AttackConfig, memory: Any) -> torch.Tensor:
         """x~ of the active samples after one step of this pattern."""
+
+    @classmethod
+    def parameter_defaults(cls) -> dict[str, Any]:
+        """Every parameter of this attack with its default."""
+        fields = {item.name: item.default for item in dataclasses.fields(AttackConfig)}
+        return {name: cls.defaults.get(name, fields[name]) for name in cls.parameters}
 
 
 def top_relevant(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -211,9 +264,10 @@ def channel_means(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
-def mean_step(state: StepState, mask: torch.Tensor) -> torch.Tensor:
-    """Move masked values by eps toward their channel mean, landing on it, never crossing it (eq. 3.2)."""
-    x, target = state.x_adv, state.memory["mean"][state.rows]
+def mean_step(state: StepState, mask: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Move masked values by eps toward their channel mean (``means``, full batch), landing on it, never
+    crossing it (eq. 3.2)."""
+    x, target = state.x_adv, means[state.rows]
     gap = target - x
     moved = torch.where(gap.abs() <= state.eps, target.expand_as(x), x + gap.sign() * state.eps)
     return torch.where(mask, moved, x)
@@ -225,6 +279,13 @@ def sign_step(state: StepState, direction: torch.Tensor, mask: torch.Tensor | No
     if mask is not None:
         pattern = pattern * mask
     return (state.x_adv + state.eps * pattern).clamp(state.low, state.high)
+
+
+@dataclass(frozen=True)
+class FlipMemory:
+    """Which values of each sample are flipped (full batch)."""
+
+    flipped: torch.Tensor
 
 
 class FlipPattern(Pattern):
@@ -241,12 +302,14 @@ class FlipPattern(Pattern):
     """
 
     name = "flip"
+    parameters = _relevance_parameters("flip_back")
+    defaults: ClassVar[dict[str, Any]] = {"n_batch": DEFAULT_N_BATCH["flip"]}
 
-    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
-        return {"flipped": torch.zeros_like(x, dtype=torch.bool)}
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> FlipMemory:
+        return FlipMemory(torch.zeros_like(x, dtype=torch.bool))
 
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
-        flipped = state.memory["flipped"][state.rows]
+        flipped = state.memory.flipped[state.rows]
         scores = state.relevance
         if not config.flip_back:
             scores = scores.masked_fill(flipped, -math.inf)
@@ -254,8 +317,15 @@ class FlipPattern(Pattern):
         if not config.flip_back:
             mask &= ~flipped
         flipped = flipped ^ mask
-        state.memory["flipped"][state.rows] = flipped
+        state.memory.flipped[state.rows] = flipped
         return torch.where(flipped, state.low + state.high - state.x_orig, state.x_orig)
+
+
+@dataclass(frozen=True)
+class MeanMemory:
+    """Each sample's per-channel means of the original image (eq. 3.2), full batch."""
+
+    means: torch.Tensor
 
 
 class MeanPattern(Pattern):
@@ -263,12 +333,23 @@ class MeanPattern(Pattern):
     mean, computed once from the original image, and never past it. Untargeted only."""
 
     name = "mean"
+    parameters = ("eps", *RELEVANCE_PARAMETERS)
+    defaults: ClassVar[dict[str, Any]] = {"n_batch": DEFAULT_N_BATCH["mean"]}
 
-    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
-        return {"mean": channel_means(x)}
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> MeanMemory:
+        return MeanMemory(channel_means(x))
 
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
-        return mean_step(state, top_relevant(state.relevance, state.n_batch))
+        return mean_step(state, top_relevant(state.relevance, state.n_batch), state.memory.means)
+
+
+@dataclass(frozen=True)
+class GradMemory:
+    """The momentum velocity per sample (full batch), None without momentum; the channel means where the
+    pattern falls back to the mean step (grad+mean), else None."""
+
+    velocity: torch.Tensor | None
+    means: torch.Tensor | None = None
 
 
 class GradPattern(Pattern):
@@ -282,18 +363,20 @@ class GradPattern(Pattern):
     name = "grad"
     needs_gradient = True
     supports_targeted = True
+    parameters = ("eps", *_relevance_parameters("momentum"))
+    defaults: ClassVar[dict[str, Any]] = {"n_batch": DEFAULT_N_BATCH["grad"]}
 
-    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
-        return {"velocity": torch.zeros_like(x)} if config.momentum > 0 else {}
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> GradMemory:
+        return GradMemory(torch.zeros_like(x) if config.momentum > 0 else None)
 
     def direction(self, state: StepState, config: AttackConfig) -> torch.Tensor:
         """The loss gradient, or the momentum-accumulated one."""
-        if config.momentum <= 0:
+        if state.memory.velocity is None:
             return state.gradient
         norm = state.gradient.abs().flatten(1).sum(1).clamp_min(1e-12)
         norm = norm.view(-1, *([1] * (state.gradient.dim() - 1)))
-        velocity = config.momentum * state.memory["velocity"][state.rows] + state.gradient / norm
-        state.memory["velocity"][state.rows] = velocity
+        velocity = config.momentum * state.memory.velocity[state.rows] + state.gradient / norm
+        state.memory.velocity[state.rows] = velocity
         return velocity
 
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
@@ -307,8 +390,8 @@ class GradMeanPattern(GradPattern):
 
     name = "grad_mean"
 
-    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> dict[str, torch.Tensor]:
-        return {**super().init_memory(x, config), "mean": channel_means(x)}
+    def init_memory(self, x: torch.Tensor, config: AttackConfig) -> GradMemory:
+        return dataclasses.replace(super().init_memory(x, config), means=channel_means(x))
 
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
         mask = top_relevant(state.relevance, state.n_batch)
@@ -316,7 +399,7 @@ class GradMeanPattern(GradPattern):
         grad_step = sign_step(state, self.direction(state, config), mask)
         if not bool(vanished.any()):
             return grad_step
-        return torch.where(vanished, mean_step(state, mask), grad_step)
+        return torch.where(vanished, mean_step(state, mask, state.memory.means), grad_step)
 
 
 class NoiseIFGSMPattern(Pattern):
@@ -327,9 +410,10 @@ class NoiseIFGSMPattern(Pattern):
     needs_gradient = True
     needs_relevance = False
     supports_targeted = True
+    parameters = ("eps", "max_iter", "early_stop", "targeted", "trace", "seed")
 
     def step(self, state: StepState, config: AttackConfig) -> torch.Tensor:
-        noise = torch.randn(state.gradient.shape, generator=state.generator, device="cpu")
+        noise = torch.randn(state.gradient.shape, generator=state.constants.generator, device="cpu")
         noise = noise.to(device=state.gradient.device, dtype=state.gradient.dtype)
         direction = torch.where(_all_zero(state.gradient), noise, state.gradient)
         return sign_step(state, direction, None)
@@ -431,24 +515,15 @@ def run_attack(
     if x.shape[0] == 0:
         return _empty_result(x, config)
     x_orig = x.detach().clamp(low, high)  # a copy; absorbs the rounding check_inputs tolerates
+    constants = StepConstants(
+        eps=config.step_size((low, high)),
+        low=low,
+        high=high,
+        n_batch=n_batch,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     with relevance.attached(x_orig):
-        pending = [_clean_forward(relevance, x_orig)]  # the first iteration takes it, so its graph is freed
-        clean_logits = pending[0][1].detach()
-        prediction = clean_logits.argmax(1)
-        labels = prediction if y is None else check_labels(y, x.shape[0], clean_logits.shape[1], x.device)
-        original = prediction if config.targeted else labels
-        return _iterate(
-            pattern,
-            relevance,
-            x_orig,
-            labels,
-            original,
-            (low, high),
-            n_batch,
-            uses_relevance,
-            config,
-            pending,
-        )
+        return _iterate(_Call(pattern, relevance, config, constants, uses_relevance), x_orig, y)
 
 
 def _clean_forward(relevance: Relevance, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,84 +537,120 @@ def _clean_forward(relevance: Relevance, x: torch.Tensor) -> tuple[torch.Tensor,
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits shaped (N, classes); got {tuple(logits.shape)}")
     if looks_like_probabilities(logits.detach()):
-        warnings.warn(PROBABILITY_WARNING, UserWarning, stacklevel=4)
+        warnings.warn(PROBABILITY_WARNING, UserWarning, stacklevel=5)
     return z, logits
 
 
-def _iterate(
-    pattern: Pattern,
-    relevance: Relevance,
-    x_orig: torch.Tensor,
-    labels: torch.Tensor,
-    original: torch.Tensor,
-    bounds: tuple[float, float],
-    n_batch: int,
-    uses_relevance: bool,
-    config: AttackConfig,
-    pending: list[tuple[torch.Tensor, torch.Tensor]],
-) -> AttackResult:
-    """Algorithm 2's loop. ``pending`` holds the forward of x_orig, which the first iteration takes as its
-    own: the clean batch is not run through the model twice. Without ``uses_relevance`` the relevance
-    stays zero, so every value ties and ``top_relevant`` selects all n_batch (= all) of them."""
-    n_samples, device = x_orig.shape[0], x_orig.device
+@dataclass(frozen=True)
+class _Call:
+    """What one attack call holds fixed across its iterations."""
+
+    pattern: Pattern
+    relevance: Relevance
+    config: AttackConfig
+    constants: StepConstants
+    uses_relevance: bool
+
+    def gradient(
+        self, z: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *, retain: bool
+    ) -> torch.Tensor:
+        """Input gradient of the summed cross-entropy (its negative when targeted, to descend toward the
+        target): per-sample steps do not shrink with the batch size, as ART's and IFGSM's."""
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        return self.relevance.gradient(z, -loss if self.config.targeted else loss, retain_graph=retain)
+
+
+class _Progress:
+    """Per-sample bookkeeping: which samples are still attacked, which succeeded, after how many steps."""
+
+    def __init__(self, n_samples: int, max_iter: int, device: torch.device) -> None:
+        self.active = torch.ones(n_samples, dtype=torch.bool, device=device)
+        self.succeeded = torch.zeros(n_samples, dtype=torch.bool, device=device)
+        self.iterations = torch.full((n_samples,), max_iter, dtype=torch.long, device=device)
+
+    def rows(self) -> torch.Tensor | slice:
+        """Index of the active samples: a slice (views, no copies) while all are active, else indices."""
+        if bool(self.active.all()):
+            return slice(None)
+        return self.active.nonzero().squeeze(1)
+
+    def stop(self, rows: torch.Tensor | slice, success: torch.Tensor, iteration: int) -> None:
+        """Samples ``rows[success]`` succeeded after ``iteration`` steps and leave the attack."""
+        finished = torch.arange(len(self.active), device=self.active.device)[rows][success]
+        self.succeeded[finished], self.active[finished], self.iterations[finished] = True, False, iteration
+
+
+def _iterate(call: _Call, x_orig: torch.Tensor, y: Any) -> AttackResult:
+    """Algorithm 2's loop. Iteration 0 runs on the clean batch's forward, which also gives the class count,
+    the predictions and so the labels: the clean batch is not run through the model twice. Without
+    ``uses_relevance`` the relevance stays zero, so every value ties and ``top_relevant`` selects all n_batch
+    (= all) of them."""
+    pattern, config, relevance = call.pattern, call.config, call.relevance
+    z, logits = _clean_forward(relevance, x_orig)
+    prediction = logits.detach().argmax(1)
+    labels = prediction if y is None else check_labels(y, len(x_orig), logits.shape[1], x_orig.device)
+    original = prediction if config.targeted else labels
     x_adv = x_orig.clone()
-    active = torch.ones(n_samples, dtype=torch.bool, device=device)
-    succeeded = torch.zeros(n_samples, dtype=torch.bool, device=device)
-    iterations = torch.full((n_samples,), config.max_iter, dtype=torch.long, device=device)
+    progress = _Progress(len(x_orig), config.max_iter, x_orig.device)
     memory = pattern.init_memory(x_orig, config)
     stored_relevance = torch.zeros_like(x_orig) if pattern.needs_relevance else None
-    tracer = _Tracer(config.max_iter + 1, n_samples, device) if config.trace else None
-    generator = torch.Generator().manual_seed(config.seed)
-    direction = -1.0 if config.targeted else 1.0
-
+    tracer = _Tracer(config.max_iter + 1, len(x_orig), x_orig.device) if config.trace else None
     for iteration in range(config.max_iter):
-        rows = _rows(active)
-        if isinstance(rows, torch.Tensor) and rows.numel() == 0:
-            break
-        z, logits = pending.pop() if pending else relevance.forward(x_adv[rows])
+        rows = progress.rows()
+        if iteration:
+            z, logits = relevance.forward(x_adv[rows])
         success = _is_success(logits.detach(), labels[rows], config.targeted)
         if tracer is not None:
             tracer.update(rows, logits, original[rows], success, x_adv[rows] - x_orig[rows])
             tracer.write(iteration)
         keep: torch.Tensor | slice = slice(None)
         if config.early_stop and bool(success.any()):
-            finished = torch.arange(n_samples, device=device)[rows][success]
-            succeeded[finished], active[finished], iterations[finished] = True, False, iteration
+            progress.stop(rows, success, iteration)
             if bool(success.all()):
                 break
             keep = ~success
+        needs_relevance = call.uses_relevance and iteration % config.relevance_every == 0
         gradient = None
-        needs_relevance = uses_relevance and iteration % config.relevance_every == 0
         if pattern.needs_gradient:
-            loss = direction * nn.functional.cross_entropy(logits[keep], labels[rows][keep], reduction="sum")
-            gradient = relevance.gradient(z, loss, retain_graph=needs_relevance).to(x_orig.dtype)
+            gradient = call.gradient(z, logits[keep], labels[rows][keep], retain=needs_relevance)
+            gradient = gradient.to(x_orig.dtype)[keep]
         if needs_relevance:
             stored_relevance[rows] = relevance.relevance(z, logits, original[rows]).to(x_orig.dtype)
         del z, logits
-        step_rows = rows if isinstance(keep, slice) else _rows(active)
+        step_rows = rows if isinstance(keep, slice) else progress.rows()
         state = StepState(
             x_adv=x_adv[step_rows],
             x_orig=x_orig[step_rows],
-            gradient=None if gradient is None else gradient[keep],
+            gradient=gradient,
             relevance=None if stored_relevance is None else stored_relevance[step_rows],
-            n_batch=n_batch,
-            eps=config.step_size(bounds),
-            low=bounds[0],
-            high=bounds[1],
             rows=step_rows,
+            constants=call.constants,
             memory=memory,
-            generator=generator,
         )
         x_adv[step_rows] = pattern.step(state, config).detach()
+    return _result(call, x_adv, x_orig, labels, original, progress, tracer)
 
+
+def _result(
+    call: _Call,
+    x_adv: torch.Tensor,
+    x_orig: torch.Tensor,
+    labels: torch.Tensor,
+    original: torch.Tensor,
+    progress: _Progress,
+    tracer: _Tracer | None,
+) -> AttackResult:
+    """The final forward's success (or the early stop's), and the trace's last row."""
+    relevance, config = call.relevance, call.config
     with torch.no_grad():
         final_logits = relevance.model(relevance.normalize(x_adv).to(relevance.param_dtype))
     final_success = _is_success(final_logits, labels, config.targeted)
     if config.early_stop:
-        final_success |= succeeded
+        final_success |= progress.succeeded
     if tracer is not None:
+        active = progress.active
         tracer.update(
-            _rows(active),
+            progress.rows(),
             final_logits[active],
             original[active],
             final_success[active],
@@ -549,17 +660,10 @@ def _iterate(
     return AttackResult(
         x_adv=x_adv.detach(),
         success=final_success,
-        iterations=iterations,
+        iterations=progress.iterations,
         original_class=original,
         trace=tracer.result() if tracer is not None else None,
     )
-
-
-def _rows(active: torch.Tensor) -> torch.Tensor | slice:
-    """Index of the active samples: a slice (views, no copies) while all are active, else their indices."""
-    if bool(active.all()):
-        return slice(None)
-    return active.nonzero().squeeze(1)
 
 
 def _is_success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -605,63 +709,20 @@ def _functional(pattern_name: str, defaults: dict[str, Any]) -> AttackFn:
     return attack
 
 
-#: Parameters each attack accepts, with its defaults (thesis Table 4.1, MNIST row).
-ATTACK_PARAMS: dict[str, dict[str, Any]] = {
-    "flip": {
-        "n_batch": DEFAULT_N_BATCH["flip"],
-        "max_iter": DEFAULT_MAX_ITER,
-        "early_stop": True,
-        "composite": DEFAULT_COMPOSITE,
-        "targeted": False,
-        "relevance_every": 1,
-        "flip_back": False,
-        "trace": False,
-        "canonizers": None,
-    },
-    "mean": {
-        "eps": None,
-        "n_batch": DEFAULT_N_BATCH["mean"],
-        "max_iter": DEFAULT_MAX_ITER,
-        "early_stop": True,
-        "composite": DEFAULT_COMPOSITE,
-        "targeted": False,
-        "relevance_every": 1,
-        "trace": False,
-        "canonizers": None,
-    },
-    "grad": {
-        "eps": None,
-        "n_batch": DEFAULT_N_BATCH["grad"],
-        "max_iter": DEFAULT_MAX_ITER,
-        "early_stop": True,
-        "composite": DEFAULT_COMPOSITE,
-        "targeted": False,
-        "relevance_every": 1,
-        "momentum": 0.0,
-        "trace": False,
-        "canonizers": None,
-    },
-}
-ATTACK_PARAMS["grad_mean"] = dict(ATTACK_PARAMS["grad"])
-ATTACK_PARAMS["ifgsm_noise"] = {
-    "eps": None,
-    "max_iter": DEFAULT_MAX_ITER,
-    "early_stop": True,
-    "targeted": False,
-    "trace": False,
-    "seed": 0,
-}
+#: Parameters each attack accepts, with its defaults (thesis Table 4.1, MNIST row), from the patterns.
+ATTACK_PARAMS: dict[str, dict[str, Any]] = {name: cls.parameter_defaults() for name, cls in PATTERNS.items()}
 
 
 def make_config(pattern_name: str, **params: Any) -> AttackConfig:
     """The AttackConfig of one attack from keyword parameters; an unknown keyword is a clear error."""
-    allowed = ATTACK_PARAMS[pattern_name]
-    unknown = sorted(set(params) - set(allowed))
+    pattern = PATTERNS[pattern_name]
+    unknown = sorted(set(params) - set(pattern.parameters))
     if unknown:
         raise TypeError(
-            f"unknown parameter(s) {unknown} for the {pattern_name} attack; valid: {sorted(allowed)}"
+            f"unknown parameter(s) {unknown} for the {pattern_name} attack; "
+            f"valid: {sorted(pattern.parameters)}"
         )
-    config = replace(AttackConfig(), **{**allowed, **params})
+    config = AttackConfig(**{**pattern.defaults, **params})
     check_target_support(PATTERNS[pattern_name], config.targeted)
     return config
 
