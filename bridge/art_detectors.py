@@ -5,8 +5,10 @@ ART's integer ``get_activations``) and its ``preprocessing=(mean, std)`` go to t
 (:mod:`xaiadv.plugins.detectors`). ``fit`` holds out a seeded, per-class share ``calibration_share`` of the
 clean data, fits the plugin on the rest and sets the threshold on the held-out share at the target
 false-positive rate ``fpr`` (:mod:`xaiadv.plugins.calibration`): one global threshold for the kNN and
-spatial-entropy scores, the plugin's per-class thresholds for I-defender. ``save``/``load`` write
-safetensors + a JSON manifest, never pickle.
+spatial-entropy scores (the kNN's ties broken by the mean neighbour distance, see :class:`KNNDetector`),
+the plugin's per-class thresholds for I-defender. The held-out clean scores are kept (``calibration_``),
+so ``set_params(fpr=...)`` on a fitted detector moves its threshold without fitting again.
+``save``/``load`` write safetensors + a JSON manifest, never pickle.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from safetensors.numpy import load as load_safetensors  # noqa: E402
 from safetensors.numpy import save as save_safetensors  # noqa: E402
 
 from xaiadv.plugins import detectors as plugin_detectors  # noqa: E402
-from xaiadv.plugins.calibration import check_fpr, threshold_at_fpr  # noqa: E402
+from xaiadv.plugins.calibration import (  # noqa: E402
+    check_fpr,
+    flag_tie_broken,
+    threshold_at_fpr,
+    tie_broken_threshold_at_fpr,
+)
 from xaiadv.plugins.checks import check_labels  # noqa: E402
 from xaiadv.plugins.modes import eval_mode  # noqa: E402
 from xaiadv.plugins.storage import atomic_write  # noqa: E402
@@ -41,8 +48,13 @@ from ._art_classifier import classifier_preprocessing  # noqa: E402
 
 __all__ = ["IDefender", "KNNDetector", "SpatialEntropyDetector"]
 
-#: Version of the save format; ``load`` refuses manifests written by a newer one.
-SCHEMA_VERSION = 1
+#: Version of the save format; ``load`` reads this one and the older ones, and refuses newer manifests.
+#: 2 added the clean calibration scores (re-calibration after load) and the kNN's tie-break threshold.
+SCHEMA_VERSION = 2
+#: The base name ``save``/``load`` use inside a folder: ``save("out/")`` writes ``out/detector.safetensors``
+#: and ``out/detector.json``.
+DEFAULT_NAME = "detector"
+_CALIBRATION_PREFIX = "calibration."
 _RECORD_KEY = "xaiadv_detector"
 _REFIT = "fit the detector again and save it"
 
@@ -58,10 +70,29 @@ def classifier_hash(classifier: PyTorchClassifier) -> str:
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """(given path, tensors file ``<base>.safetensors``, manifest ``<base>.json``)."""
-    given = Path(path)
-    base = given.with_suffix("") if given.suffix in (".safetensors", ".json") else given
+    """(given path, tensors file ``<base>.safetensors``, manifest ``<base>.json``).
+
+    The base is ``path`` without a ``.safetensors``/``.json`` suffix; for an existing folder, or a path
+    written with a trailing separator, it is :data:`DEFAULT_NAME` inside that folder.
+    """
+    text = os.fspath(path)
+    given = Path(text)
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if given.is_dir() or text.endswith(separators):
+        base = given / DEFAULT_NAME
+    else:
+        base = given.with_suffix("") if given.suffix in (".safetensors", ".json") else given
     return given, base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents (as ART's own ``save`` does); a file in the way is named."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(
+            f"cannot save the detector into {folder}: a file is in the way where a folder should be"
+        ) from None
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -110,6 +141,11 @@ class _ARTDetector(EvasionDetector):
         "random_state": 0,
     }
     defence_params: ClassVar[list[str]]
+    #: Parameters that only move the threshold: changed on a fitted detector, it is re-calibrated from the
+    #: stored clean calibration scores instead of discarding the fit.
+    threshold_params: ClassVar[frozenset[str]] = frozenset({"fpr"})
+    #: The arrays of ``calibration_`` (and of :meth:`_score_parts`), as saved under ``calibration.<key>``.
+    calibration_keys: ClassVar[tuple[str, ...]] = ("score",)
 
     def __init__(self, classifier: PyTorchClassifier, **params: Any) -> None:
         super().__init__()
@@ -147,7 +183,11 @@ class _ARTDetector(EvasionDetector):
     def set_params(self, **kwargs: Any) -> None:
         """Set parameters by name, all or nothing: an unknown name or a refused value changes nothing.
 
-        A changed value discards the fit (the fitted state belongs to the old configuration): fit again.
+        On a fitted detector, changing only :attr:`threshold_params` (``fpr``; I-defender also ``keep``)
+        re-calibrates the threshold from the stored clean calibration scores: the fit, and so every score,
+        is kept. A detector loaded from a version-1 save has no such scores: that raises a RuntimeError
+        saying to fit again, and changes nothing. Any other changed value discards the fit (the fitted
+        state belongs to the old configuration): fit again.
         """
         unknown = sorted(set(kwargs) - set(self.defence_params))
         if unknown:
@@ -159,16 +199,36 @@ class _ARTDetector(EvasionDetector):
             setattr(self, key, value)
         try:
             self._check_params()
+            changed = sorted(key for key, value in self.get_params().items() if value != before[key])
+            if changed and hasattr(self, "threshold_"):
+                if set(changed) <= self.threshold_params:
+                    self._recalibrate(changed)
+                else:
+                    self._unfit(changed)
         except Exception:
             for key, value in before.items():
                 setattr(self, key, value)
             raise
-        if self.get_params() != before:
-            self._unfit()
 
-    def _unfit(self) -> None:
-        for name in ("plugin_", "threshold_"):
+    def _recalibrate(self, changed: list[str]) -> None:
+        """New thresholds at the current parameters from ``calibration_``; the plugin's fit is untouched."""
+        if not hasattr(self, "calibration_"):
+            raise RuntimeError(
+                f"set_params({', '.join(changed)}) cannot re-calibrate this {type(self).__name__}: it was "
+                f"loaded from a save without its clean calibration scores (schema_version 1); fit the "
+                f"detector again (or save it again after fitting it with this xaiadv)"
+            )
+        for name, value in self._thresholds_from(self.plugin_, self.calibration_).items():
+            setattr(self, name, value)
+
+    def _unfit(self, changed: list[str]) -> None:
+        for name in ("plugin_", "threshold_", "calibration_", *self._threshold_attributes()):
             self.__dict__.pop(name, None)
+        self._discarded = f"set_params changed {changed}, which the fit depends on"
+
+    def _threshold_attributes(self) -> tuple[str, ...]:
+        """Fitted attributes besides ``threshold_`` that :meth:`_thresholds_from` sets."""
+        return ()
 
     # ------------------------------------------------------------------------------------------- input
     def _as_tensor(self, x: object, name: str = "x") -> torch.Tensor:
@@ -214,7 +274,8 @@ class _ARTDetector(EvasionDetector):
         the threshold set on the held-out share at ``fpr``. With ``x_calibration`` (clean inputs of another
         split, e.g. held-out test images) the plugin is fitted on all of ``x`` and the threshold set on
         ``x_calibration`` instead: images the network was trained on can score unlike unseen ones.
-        Fitted: ``plugin_``, ``threshold_``.
+        Fitted: ``plugin_``, ``threshold_``, and ``calibration_`` (the clean calibration scores, a dict of
+        arrays, kept so that ``set_params(fpr=...)`` re-calibrates without fitting again).
         """
         if kwargs:
             raise TypeError(f"fit() got unexpected keyword argument(s) {sorted(kwargs)}")
@@ -235,8 +296,12 @@ class _ARTDetector(EvasionDetector):
         plugin = self._make_plugin(batch_size)
         with eval_mode(self.classifier.model):
             plugin.fit(x_fit, y_fit)
-            threshold = self._calibrate(plugin, x_held)
-        self.plugin_, self.threshold_ = plugin, threshold
+            calibration = self._score_parts(plugin, x_held)
+        thresholds = self._thresholds_from(plugin, calibration)
+        self.plugin_, self.calibration_ = plugin, calibration
+        for name, value in thresholds.items():
+            setattr(self, name, value)
+        self.__dict__.pop("_discarded", None)
 
     def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fitting rows, calibration rows): seeded shuffle, ``calibration_share`` of each class held out."""
@@ -254,45 +319,58 @@ class _ARTDetector(EvasionDetector):
             )
         return np.sort(order[~is_calibration]), np.sort(order[is_calibration])
 
-    def _calibrate(self, plugin: Any, x_calibration: torch.Tensor) -> Any:
-        """A global threshold on the clean calibration scores (IDefender overrides: per class)."""
-        return threshold_at_fpr(plugin.score(x_calibration).detach().cpu().numpy(), self.fpr)
+    def _score_parts(self, plugin: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """What detection compares with the threshold, per sample: {"score": (N,) float64} here.
+
+        The same for calibration (kept as ``calibration_``) and detection; subclasses add what their
+        threshold needs (:attr:`calibration_keys`).
+        """
+        return {"score": _numpy(plugin.score(x), np.float64)}
+
+    def _thresholds_from(self, plugin: Any, calibration: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The threshold attributes at the current parameters: one global threshold at ``fpr`` here."""
+        return {"threshold_": threshold_at_fpr(calibration["score"], self.fpr)}
+
+    def _decide(self, parts: dict[str, np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
+        """(report, is_adversarial) from :meth:`_score_parts`: score > threshold."""
+        threshold = float(self.threshold_)
+        return {"score": parts["score"], "threshold": threshold}, parts["score"] > threshold
 
     def detect(self, x: np.ndarray, batch_size: int = 128, **kwargs: Any) -> tuple[dict, np.ndarray]:
         """(report, is_adversarial): report["score"] (N,) float64, higher = more likely adversarial,
-        report["threshold"] (a float, or (N,) per sample); is_adversarial (N,) bool, score > threshold."""
+        report["threshold"] (a float, or (N,) per sample); is_adversarial (N,) bool, score > threshold
+        (the kNN detector breaks ties at the threshold, see :class:`KNNDetector`)."""
         if kwargs:
             raise TypeError(f"detect() got unexpected keyword argument(s) {sorted(kwargs)}")
         self._check_fitted()
         batch_size = self._check_batch_size(batch_size)
         x_tensor = self._as_tensor(x)
-        if x_tensor.shape[0] == 0:
-            score = np.zeros(0, dtype=np.float64)
-            threshold = self._thresholds(torch.zeros(0, dtype=torch.long))
-        else:
-            self.plugin_.batch_size = batch_size
-            with eval_mode(self.classifier.model):
-                score_tensor, prediction = self._score(x_tensor)
-            score = score_tensor.detach().cpu().numpy().astype(np.float64)
-            threshold = self._thresholds(prediction)
-        return {"score": score, "threshold": threshold}, score > threshold
-
-    def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.plugin_.score(x), None
-
-    def _thresholds(self, prediction: torch.Tensor | None) -> Any:
-        return float(self.threshold_)
+        self.plugin_.batch_size = batch_size
+        with eval_mode(self.classifier.model):
+            parts = self._score_parts(self.plugin_, x_tensor)
+        return self._decide(parts)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "threshold_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit(x, y) first")
+            reason = getattr(self, "_discarded", None)
+            raise RuntimeError(
+                f"this {type(self).__name__} is not fitted yet: call fit(x, y) first"
+                + (f" ({reason})" if reason else "")
+            )
 
     # --------------------------------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``<path>.safetensors`` (fitted arrays) and ``<path>.json`` (manifest), each atomically."""
+        """Write ``<path>.safetensors`` (fitted arrays) and ``<path>.json`` (manifest), each atomically.
+
+        ``path`` an existing folder (or written with a trailing separator, ``"out/"``): the files are
+        ``<path>/detector.safetensors`` and ``<path>/detector.json`` (:data:`DEFAULT_NAME`). Missing folders
+        are created, as ART's own ``save`` does. ``load`` takes the same ``path``.
+        """
         self._check_fitted()
         _, tensors_path, manifest_path = _paths(path)
         arrays, fitted = self._state()
+        for key, value in getattr(self, "calibration_", {}).items():
+            arrays[_CALIBRATION_PREFIX + key] = value
         record = {
             "detector": type(self).__name__,
             "config": self.get_params(),
@@ -311,12 +389,18 @@ class _ARTDetector(EvasionDetector):
             "tensors_file": tensors_path.name,
             "tensors_sha256": hashlib.sha256(data).hexdigest(),
         }
+        _make_folder(tensors_path.parent)
         atomic_write(tensors_path, data)
         atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], classifier: PyTorchClassifier) -> _ARTDetector:
-        """The detector saved at ``path``, for ``classifier`` (the one it was fitted with: hash checked)."""
+        """The detector saved at ``path``, for ``classifier`` (the one it was fitted with: hash checked).
+
+        ``path`` as given to :meth:`save` (a folder means :data:`DEFAULT_NAME` inside it). Saves of every
+        schema version up to :data:`SCHEMA_VERSION` are read; a version-1 save has no calibration scores,
+        so ``set_params(fpr=...)`` on it asks for a new fit.
+        """
         given, tensors_path, manifest_path = _paths(path)
         if given.is_file() and given != manifest_path:
             if not _is_safetensors(given.read_bytes()):
@@ -330,10 +414,10 @@ class _ARTDetector(EvasionDetector):
         if not isinstance(manifest, dict):
             raise ValueError(f"{manifest_path} is not an xaiadv detector manifest: {_REFIT}")
         version = manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise ValueError(
-                f"{manifest_path} has schema_version {version!r}; this xaiadv reads version {SCHEMA_VERSION} "
-                f"(upgrade xaiadv, or {_REFIT})"
+                f"{manifest_path} has schema_version {version!r}; this xaiadv reads versions 1 to "
+                f"{SCHEMA_VERSION} (upgrade xaiadv, or {_REFIT})"
             )
         if manifest.get("detector") != cls.__name__:
             raise ValueError(
@@ -367,9 +451,13 @@ class _ARTDetector(EvasionDetector):
             )
         try:
             arrays = load_safetensors(data)
-            detector._restore(arrays, record["fitted"], record["threshold"])
+            calibration = _calibration_arrays(arrays, cls.calibration_keys)
+            plugin_arrays = {k: v for k, v in arrays.items() if not k.startswith(_CALIBRATION_PREFIX)}
+            detector._restore(plugin_arrays, record["fitted"], record["threshold"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise ValueError(f"{tensors_path} could not be restored ({error}): {_REFIT}") from None
+        if calibration is not None:
+            detector.calibration_ = calibration
         return detector
 
     @abc.abstractmethod
@@ -394,6 +482,26 @@ class _ARTDetector(EvasionDetector):
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.array(array), dtype=dtype).to(self.classifier.device)
+
+
+def _numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return tensor.detach().cpu().numpy().astype(dtype)
+
+
+def _calibration_arrays(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The saved ``calibration_``, checked for its keys; None when there is none (a version-1 save, or one
+    of a detector loaded from a version-1 save)."""
+    found = {k[len(_CALIBRATION_PREFIX) :]: v for k, v in arrays.items() if k.startswith(_CALIBRATION_PREFIX)}
+    if not found:
+        return None
+    if sorted(found) != sorted(keys):
+        raise ValueError(f"the calibration arrays are {sorted(found)}, expected {sorted(keys)}")
+    lengths = {value.shape for value in found.values()}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
+        raise ValueError(
+            f"the calibration arrays must be 1-D and of one length; got shapes {sorted(lengths)}"
+        )
+    return found
 
 
 def _defence_params(plugin_params: dict[str, Any]) -> list[str]:
@@ -429,13 +537,24 @@ class SpatialEntropyDetector(_ARTDetector):
 
 class KNNDetector(_ARTDetector):
     """Carrara et al. 2017 (seeds/003, eq. 2) as an ART detector: one minus the kNN score of the predicted
-    class among the deep features of the fitting images; one global threshold at ``fpr``.
+    class among the deep features of the fitting images; one global threshold at ``fpr``, ties broken.
+
+    Ties: the score takes few values (multiples of 1/k with uniform weights; exactly 1 whenever none of the
+    k neighbours has the predicted class), so many clean calibration scores can sit on the fpr quantile.
+    Measured with a 4-channel digits CNN: 11% of clean scores were exactly 1, the threshold was 1, and
+    ``score > threshold`` flagged no image at all, clean or adversarial. Samples tied with the threshold are
+    therefore ordered by their mean distance to the k neighbours (further from the fitting data: more
+    likely adversarial): flagged = score > threshold, or score == threshold and mean distance >
+    distance threshold, both thresholds set on the held-out clean pairs
+    (:func:`~xaiadv.plugins.calibration.tie_broken_threshold_at_fpr`). ``report["score"]`` stays eq. 2's
+    score (the ROC of the paper); the report adds ``"mean_distance"`` (N,) and ``"distance_threshold"``.
 
     Parameters: layer (default the last Conv2d), k, weighting ("uniform", "rank", "distance"), preprocess
-    (None, "l2", "pca"), n_components (PCA), chunk_size (search memory), backend ("torch", or "faiss" for
-    large reference sets: ``pip install xaiadv[faiss]``; the same neighbours), fpr, calibration_share,
-    random_state. Saved state: reference features, labels and predicted classes, the PCA arrays, the
-    threshold.
+    (None, "l2", "pca"), n_components (PCA width; None: as many as the features allow, at most 256, see
+    :class:`~xaiadv.plugins.detectors.KNNScore`), chunk_size (search memory), backend ("torch", or "faiss"
+    for large reference sets: ``pip install xaiadv[faiss]``; the same neighbours), fpr, calibration_share,
+    random_state. Saved state: reference features, labels and predicted classes, the PCA arrays and width,
+    the clean calibration scores and mean distances, both thresholds.
     """
 
     plugin_class = plugin_detectors.KNNScore
@@ -444,11 +563,35 @@ class KNNDetector(_ARTDetector):
         "k": 10,
         "weighting": "uniform",
         "preprocess": "l2",
-        "n_components": 256,
+        "n_components": None,
         "chunk_size": 2048,
         "backend": "torch",
     }
     defence_params: ClassVar[list[str]] = _defence_params(plugin_params)
+    calibration_keys: ClassVar[tuple[str, ...]] = ("score", "distance")
+
+    def _score_parts(self, plugin: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
+        score, distance = plugin.score_and_distance(x)
+        return {"score": _numpy(score, np.float64), "distance": _numpy(distance, np.float64)}
+
+    def _thresholds_from(self, plugin: Any, calibration: dict[str, np.ndarray]) -> dict[str, Any]:
+        threshold, distance = tie_broken_threshold_at_fpr(
+            calibration["score"], calibration["distance"], self.fpr
+        )
+        return {"threshold_": threshold, "distance_threshold_": distance}
+
+    def _threshold_attributes(self) -> tuple[str, ...]:
+        return ("distance_threshold_",)
+
+    def _decide(self, parts: dict[str, np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
+        threshold, distance_threshold = float(self.threshold_), float(self.distance_threshold_)
+        report = {
+            "score": parts["score"],
+            "threshold": threshold,
+            "mean_distance": parts["distance"],
+            "distance_threshold": distance_threshold,
+        }
+        return report, flag_tie_broken(parts["score"], parts["distance"], threshold, distance_threshold)
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         plugin = self.plugin_
@@ -465,6 +608,9 @@ class KNNDetector(_ARTDetector):
             "n_classes": plugin.n_classes_,
             "input_shape": list(plugin.input_shape_),
             "raw_feature_dim": plugin.raw_feature_dim_,
+            "n_components": plugin.n_components_ if plugin.preprocess == "pca" else None,
+            # None: no tie-break (loaded from a version-1 save); JSON has no infinity
+            "distance_threshold": None if math.isinf(self.distance_threshold_) else self.distance_threshold_,
         }
         return arrays, fitted
 
@@ -477,9 +623,16 @@ class KNNDetector(_ARTDetector):
         if plugin.preprocess == "pca":
             plugin.pca_mean_ = self._tensor(arrays["pca_mean"], torch.float64)
             plugin.pca_projection_ = self._tensor(arrays["pca_projection"], torch.float64)
+            width = plugin.pca_projection_.shape[1]
+            plugin.n_components_ = int(fitted.get("n_components") or width)  # version 1: the width
+            if plugin.n_components_ != width:
+                raise ValueError(f"n_components {plugin.n_components_} but a PCA projection of width {width}")
         plugin.reference_labels_ = self._tensor(arrays["reference_labels"], torch.long)
         plugin.reference_predictions_ = self._tensor(arrays["reference_predictions"], torch.long)
         plugin.reference_features_ = self._tensor(arrays["reference_features"], torch.float32)
+        # version 1 had no tie-break: an infinite distance threshold flags exactly score > threshold
+        distance_threshold = fitted.get("distance_threshold")
+        self.distance_threshold_ = math.inf if distance_threshold is None else float(distance_threshold)
         self.plugin_, self.threshold_ = plugin, float(threshold)
 
 
@@ -516,6 +669,8 @@ class IDefender(_ARTDetector):
         "calibration_share": 0.3,
     }
     defence_params: ClassVar[list[str]] = _defence_params(plugin_params)
+    threshold_params: ClassVar[frozenset[str]] = frozenset({"fpr", "keep"})
+    calibration_keys: ClassVar[tuple[str, ...]] = ("score", "prediction")
 
     @property
     def keep_(self) -> float:
@@ -530,15 +685,19 @@ class IDefender(_ARTDetector):
             "random_state": self.random_state,
         }
 
-    def _calibrate(self, plugin: Any, x_calibration: torch.Tensor) -> Any:
-        plugin.calibrate(x_calibration, keep=self.keep_)
-        return -plugin.thresholds_.cpu().numpy().astype(np.float64)  # in score units: -log-likelihood
+    def _score_parts(self, plugin: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
+        score, prediction = plugin.score_and_prediction(x)
+        return {"score": _numpy(score, np.float64), "prediction": _numpy(prediction, np.int64)}
 
-    def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.plugin_.score_and_prediction(x)
+    def _thresholds_from(self, plugin: Any, calibration: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The plugin's per-class thresholds at ``keep_``, grouped by predicted class as detection groups."""
+        plugin.calibrate_scores(calibration["score"], calibration["prediction"], keep=self.keep_)
+        plugin.keep = self.keep_
+        return {"threshold_": -plugin.thresholds_.cpu().numpy().astype(np.float64)}  # -log-likelihood
 
-    def _thresholds(self, prediction: torch.Tensor | None) -> Any:
-        return self.threshold_[prediction.cpu().numpy()]
+    def _decide(self, parts: dict[str, np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
+        threshold = self.threshold_[parts["prediction"]]
+        return {"score": parts["score"], "threshold": threshold}, parts["score"] > threshold
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return self.plugin_.to_state()

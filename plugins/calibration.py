@@ -5,6 +5,11 @@ threshold is the smallest clean score that leaves at most floor(fpr * n) of the 
 above it, so the rate on the calibration data never exceeds ``fpr`` and misses it by less than 1/n.
 Per class: the same within each class's clean scores. With adversarial scores, the equal-error
 threshold instead (where the false-positive and false-negative rates meet).
+
+Ties: a score with few distinct values (the kNN score of k neighbours is a multiple of 1/k) piles clean
+samples onto one value, and when the fpr quantile falls inside such a pile ``score > threshold`` flags far
+fewer than fpr of clean data: none at all when the pile sits at the largest score. A second, continuous
+score breaks those ties (:func:`tie_broken_threshold_at_fpr`, :func:`flag_tie_broken`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,36 @@ def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
     scores = np.sort(_scores(clean_scores, "clean_scores"))
     allowed_above = math.floor(fpr * scores.size + 1e-9)
     return float(scores[scores.size - allowed_above - 1])
+
+
+def tie_broken_threshold_at_fpr(
+    clean_scores: np.ndarray, clean_tie_breaks: np.ndarray, fpr: float
+) -> tuple[float, float]:
+    """(threshold, tie-break threshold) flagging at most ``fpr`` of the clean (score, tie-break) pairs.
+
+    Pairs are ordered lexicographically, score first: a sample is flagged when its score is above the
+    threshold, or equal to it with a tie-break above the tie-break threshold (:func:`flag_tie_broken`).
+    The pair is the clean pair that leaves floor(fpr * n) pairs above it, so the threshold itself equals
+    :func:`threshold_at_fpr` of the scores alone; only the samples tied with it are split, by tie-break.
+    """
+    fpr = check_fpr(fpr)
+    scores = _scores(clean_scores, "clean_scores")
+    tie_breaks = _scores(clean_tie_breaks, "clean_tie_breaks")
+    if tie_breaks.shape != scores.shape:
+        raise ValueError(
+            f"clean_tie_breaks must have one entry per score ({scores.size}); got {tie_breaks.size}"
+        )
+    order = np.lexsort((tie_breaks, scores))
+    pick = order[scores.size - math.floor(fpr * scores.size + 1e-9) - 1]
+    return float(scores[pick]), float(tie_breaks[pick])
+
+
+def flag_tie_broken(
+    scores: np.ndarray, tie_breaks: np.ndarray, threshold: float, tie_break_threshold: float
+) -> np.ndarray:
+    """(N,) bool: score > threshold, or score == threshold and tie-break > tie-break threshold."""
+    scores, tie_breaks = np.asarray(scores), np.asarray(tie_breaks)
+    return (scores > threshold) | ((scores == threshold) & (tie_breaks > tie_break_threshold))
 
 
 def per_class_thresholds(

@@ -315,6 +315,21 @@ class IDefender:
         self._set_thresholds(self._class_log_likelihood(h, prediction), prediction, keep)
         return self
 
+    def calibrate_scores(self, scores: object, classes: object, *, keep: float | None = None) -> IDefender:
+        """Re-set the per-class thresholds from clean scores already computed, without a forward pass.
+
+        Why: a caller that keeps its clean calibration scores (the ART adapter) can move the thresholds to
+        another ``keep`` and get what :meth:`calibrate` gives on the images those scores came from.
+        ``scores`` (N,): ``score_and_prediction(x_clean)[0]`` (-log-likelihoods); ``classes`` (N,) its
+        predicted classes. Every class must occur among ``classes`` (the error names one that does not).
+        """
+        self._check_fitted()
+        keep = self.keep if keep is None else _check_keep(keep)
+        values = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+        labels = torch.as_tensor(np.asarray(classes, dtype=np.int64))
+        self._set_thresholds(-values, labels, keep)
+        return self
+
     # -------------------------------------------------------------------------------------------- state
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The fitted detector as (arrays, JSON-able dict), saved without pickle; :meth:`from_state` inverts.

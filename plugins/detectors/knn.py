@@ -36,6 +36,9 @@ WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
 PREPROCESSES: tuple[str | None, ...] = (None, "l2", "pca")
 BACKENDS: tuple[str, ...] = ("torch", "faiss")
 
+#: The PCA width ``n_components=None`` aims for, when the features allow that many directions.
+AUTO_COMPONENTS = 256
+
 _FLOAT32_EPS = 2.0**-23
 _BLOCK_ELEMENTS = 2**22  # float64 elements per block of exact recomputation (32 MiB)
 #: A candidate pass: (queries (n, D), m, own indices (n,) or None) -> (values (n, >=m), indices (n, >=m)).
@@ -54,6 +57,14 @@ class KNNScore:
     the weight, shared equally. Memory of one search chunk: ``chunk_size * n_references`` float32 values.
     ``backend="faiss"`` searches with faiss (``pip install xaiadv[faiss]``) on the CPU: the same neighbours.
     ``score_references()`` scores the references themselves, each left out of its own neighbours.
+
+    ``preprocess="pca"`` whitens the features onto ``n_components`` principal directions. ``None`` (default):
+    as many as the fitting data allow, at most 256 (:data:`AUTO_COMPONENTS`): ``min(256, feature width,
+    number of fit samples, numerical rank of the centered features)``. Why: a fixed 256 fails on every
+    network whose features are narrower, and whitening a direction of (numerically) zero variance would
+    divide by zero. An explicit int is a request: honoured exactly, or a ValueError naming ``n_components``
+    when the features cannot give that many directions (never silently narrower). The width used is the
+    fitted ``n_components_``.
     """
 
     def __init__(
@@ -64,7 +75,7 @@ class KNNScore:
         k: int = 10,
         weighting: str = "uniform",
         preprocess: str | None = "l2",
-        n_components: int = 256,
+        n_components: int | None = None,
         batch_size: int = 256,
         chunk_size: int = 2048,
         backend: str = "torch",
@@ -72,8 +83,10 @@ class KNNScore:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        for name, value in (("k", k), ("n_components", n_components), ("batch_size", batch_size)):
+        for name, value in (("k", k), ("batch_size", batch_size)):
             _check_positive_int(name, value)
+        if n_components is not None:
+            _check_positive_int("n_components", n_components)
         _check_positive_int("chunk_size", chunk_size)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
@@ -123,7 +136,8 @@ class KNNScore:
         Fitted attributes: ``layer_``, ``n_classes_`` (the model's output size), ``input_shape_``,
         ``raw_feature_dim_`` (D before preprocess), ``reference_features_`` (N, D) float32 after preprocess,
         ``reference_labels_`` (N,), ``reference_predictions_`` (N,) the model's classes for x, and for PCA
-        ``pca_mean_`` (D,) and ``pca_projection_`` (D, n_components) in float64.
+        ``n_components_`` (the width used, see the class docstring), ``pca_mean_`` (D,) and
+        ``pca_projection_`` (D, n_components_) in float64.
         """
         check_batch(x)
         n = x.shape[0]
@@ -132,10 +146,11 @@ class KNNScore:
         logits, raw = self._forward(x[:1])  # one sample: the model's output size and the feature size
         n_classes, dim = logits.shape[1], raw.shape[1]
         labels = check_labels(y, n, n_classes, x.device, name="y")
-        if self.preprocess == "pca" and self.n_components > min(n, dim):
+        explicit = self.n_components is not None
+        if self.preprocess == "pca" and explicit and self.n_components > min(n, dim):
             raise ValueError(
                 f"n_components={self.n_components} must be <= min(number of samples, feature size) = "
-                f"min({n}, {dim}) for preprocess='pca'"
+                f"min({n}, {dim}) for preprocess='pca' (n_components=None takes as many as the data allow)"
             )
         logits, raw = self._forward(x)
         self.layer_ = self._layer
@@ -144,6 +159,7 @@ class KNNScore:
         self.raw_feature_dim_ = dim
         if self.preprocess == "pca":
             self.pca_mean_, self.pca_projection_ = _fit_whitening(raw, self.n_components)
+            self.n_components_ = int(self.pca_projection_.shape[1])
         self.reference_labels_ = labels
         self.reference_predictions_ = logits.argmax(1)
         self.reference_features_ = self._transform(raw)
@@ -175,15 +191,27 @@ class KNNScore:
         """(N, n_classes) eq. 2 score of every class among the k nearest references of raw ``x``."""
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
-        return self._class_scores(self._transform(self._forward(x)[1]))
+        return self._class_scores(self._transform(self._forward(x)[1]))[0]
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) ``1 - s(x, f(x))``: one minus the kNN score of the predicted class; higher = adversarial."""
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
-        logits, raw = self._forward(x)
-        scores = self._class_scores(self._transform(raw))
-        return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0]
+        return self._score_and_squared(x)[0]
+
+    def score_and_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (N,) as :meth:`score`, mean Euclidean distance (N,) float64 to the k neighbours).
+
+        Why: the score takes few values (multiples of 1/k for uniform weights, exactly 1 whenever no
+        neighbour has the predicted class), so clean scores tie and a threshold on the score alone can miss
+        its target false-positive rate by far. The mean distance (how far from the fitting data, in the
+        preprocessed feature space) breaks those ties:
+        :func:`~xaiadv.plugins.calibration.tie_broken_threshold_at_fpr`.
+        """
+        self._check_fitted()
+        check_batch(x, input_shape=self.input_shape_)
+        score, squared = self._score_and_squared(x)
+        return score, squared.sqrt().mean(1)
 
     def score_references(self) -> torch.Tensor:
         """(N,) leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the others (eq. 2).
@@ -194,7 +222,7 @@ class KNNScore:
         """
         self._check_fitted()
         features = self._check_features(self.reference_features_, exclude_self=True)
-        scores = self._class_scores(features, exclude_self=True)
+        scores = self._class_scores(features, exclude_self=True)[0]
         predictions = self.reference_predictions_.to(features.device)
         return 1.0 - scores.gather(1, predictions[:, None])[:, 0]
 
@@ -257,13 +285,22 @@ class KNNScore:
             return ((raw.double() - mean) @ projection).float()
         return raw
 
-    def _class_scores(self, features: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    def _score_and_squared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (N,), squared distances (N, k) float64 to the k neighbours) of checked raw ``x``."""
+        logits, raw = self._forward(x)
+        scores, squared = self._class_scores(self._transform(raw))
+        return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0], squared
+
+    def _class_scores(
+        self, features: torch.Tensor, exclude_self: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eq. 2 class scores (N, n_classes) float32, squared neighbour distances (N, k) float64)."""
         squared, indices = self._search(features, exclude_self)
         labels = self.reference_labels_.to(features.device)[indices]
         weights = self._weights(squared)
         scores = torch.zeros(features.shape[0], self.n_classes_, dtype=torch.float64, device=features.device)
         scores.scatter_add_(1, labels, weights)
-        return (scores / weights.sum(1, keepdim=True)).float()
+        return (scores / weights.sum(1, keepdim=True)).float(), squared
 
     def _weights(self, squared: torch.Tensor) -> torch.Tensor:
         """Table 1 weights (N, k) in float64 from squared distances (N, k), ascending per row."""
@@ -415,8 +452,12 @@ def _exhaustive(query: torch.Tensor, references: torch.Tensor, k: int, own: int)
     return squared[order], order
 
 
-def _fit_whitening(raw: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA whitening in float64 (as scikit-learn's ``PCA(whiten=True)``): (mean (D,), projection (D, n))."""
+def _fit_whitening(raw: torch.Tensor, n_components: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening in float64 (as scikit-learn's ``PCA(whiten=True)``): (mean (D,), projection (D, n)).
+
+    ``n_components=None``: n = min(AUTO_COMPONENTS, numerical rank), the rank being at most
+    min(D, N - 1) for N centered samples; an int: exactly that many, or a ValueError.
+    """
     data = raw.double()
     mean = data.mean(0)
     centered = data - mean
@@ -425,10 +466,14 @@ def _fit_whitening(raw: torch.Tensor, n_components: int) -> tuple[torch.Tensor, 
     variances, vectors = variances.flip(0), vectors.flip(1)
     tolerance = float(variances[0].clamp_min(0)) * max(data.shape) * torch.finfo(torch.float64).eps
     rank = int((variances > tolerance).sum())
+    if n_components is None:
+        if rank == 0:
+            raise ValueError("the reference features are constant: preprocess='pca' has no direction to keep")
+        n_components = min(AUTO_COMPONENTS, rank)
     if rank < n_components:
         raise ValueError(
             f"n_components={n_components} exceeds the rank {rank} of the reference features "
-            "(constant or dependent features): lower n_components for preprocess='pca'"
+            "(constant or dependent features): lower n_components for preprocess='pca', or pass None"
         )
     return mean, vectors[:, :n_components] / variances[:n_components].sqrt()
 

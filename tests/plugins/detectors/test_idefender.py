@@ -240,6 +240,22 @@ def test_calibrate_keeps_the_share_per_predicted_class(digits, digits_cnn, keep)
         assert abs(kept - keep * int(members.sum())) <= 1, (label, kept, int(members.sum()))
 
 
+def test_calibrate_scores_equals_calibrate_without_a_forward_pass(digits, digits_cnn, counting_model):
+    model = counting_model(digits_cnn)
+    detector = IDefender(model, n_components=1).fit(digits.x_train[:600], digits.y_train[:600])
+    scores, predictions = detector.score_and_prediction(digits.x_test)
+    detector.calibrate(digits.x_test, keep=0.9)
+    expected = detector.thresholds_.clone()
+    detector.calibrate(digits.x_test, keep=0.99)  # elsewhere, so the next call has to move them back
+    calls = model.calls
+    detector.calibrate_scores(scores.numpy(), predictions.numpy(), keep=0.9)
+    assert model.calls == calls and detector.keep_ == 0.9
+    assert torch.equal(detector.thresholds_, expected)
+    with pytest.raises(ValueError, match="class 3 has no clean calibration samples"):
+        detector.calibrate_scores(scores[predictions != 3].numpy(), predictions[predictions != 3].numpy())
+    assert torch.equal(detector.thresholds_, expected)  # a refused calibration changes nothing
+
+
 def test_clean_false_positive_rate_on_unseen_data(heldout, train_calibrated, digits):
     # Measured (digits CNN, defaults: n_components=5, reg_covar=1e-2, full, share 0.3, keep=0.95) on the
     # 497 test images: "heldout" 0.042 (0.042 .. 0.064 over 5 split seeds), "train" 1.000 (the paper's

@@ -331,6 +331,57 @@ def test_pca_whitening_gives_identity_covariance(digits, digits_cnn: nn.Module) 
     np.testing.assert_allclose(np.abs(whitened.numpy()), np.abs(expected.transform(raw)), atol=1e-4)
 
 
+def test_readme_example_fits_features_narrower_than_256(digits, digits_cnn: nn.Module) -> None:
+    """The README's line on the digits CNN (16 features): it raised ``n_components=256 must be <= ...``."""
+    x_train, y_train = digits.x_train[:400], digits.y_train[:400]
+    detector = KNNScore(digits_cnn, k=10, weighting="rank", preprocess="pca").fit(x_train, y_train)
+    assert detector.n_components is None and detector.n_components_ == 16  # min(256, 16 wide, 400, rank 16)
+    assert detector.pca_projection_.shape == (16, 16) and detector.reference_features_.shape == (400, 16)
+    scores = detector.score(digits.x_test[:20])
+    assert scores.shape == (20,) and bool(((scores >= 0) & (scores <= 1)).all())
+    # the same width asked for explicitly: the same fit
+    explicit = KNNScore(digits_cnn, k=10, weighting="rank", preprocess="pca", n_components=16)
+    assert torch.equal(explicit.fit(x_train, y_train).reference_features_, detector.reference_features_)
+
+
+def test_default_pca_width_is_limited_by_fit_samples_and_rank(rng: np.random.Generator) -> None:
+    """n_components=None: 40-wide features of 12 samples span 11 centered directions; 5 independent
+    columns repeated 8 times span 5. Whitening a zero-variance direction would divide by zero."""
+    references = rng.normal(size=(12, 40)).astype(np.float32)
+    model = vector_model(40)
+    detector = KNNScore(model, layer="0", preprocess="pca", k=3).fit(
+        torch.from_numpy(references), torch.zeros(12)
+    )
+    assert detector.n_components_ == 11
+    whitened = detector.reference_features_.double()
+    torch.testing.assert_close(torch.cov(whitened.T), torch.eye(11, dtype=torch.float64), atol=1e-4, rtol=0)
+    narrow = KNNScore(model, layer="0", preprocess="pca", k=3).fit(
+        torch.from_numpy(references[:, :5]).repeat(1, 8), torch.zeros(12)
+    )
+    assert narrow.n_components_ == 5  # 40 columns, 5 of them independent
+    with pytest.raises(ValueError, match="n_components=12 exceeds the rank 11"):
+        KNNScore(model, layer="0", preprocess="pca", k=3, n_components=12).fit(
+            torch.from_numpy(references), torch.zeros(12)
+        )
+    constant = torch.ones(12, 40)
+    with pytest.raises(
+        ValueError, match="reference features are constant: preprocess='pca' has no direction"
+    ):
+        KNNScore(model, layer="0", preprocess="pca", k=3).fit(constant, torch.zeros(12))
+
+
+def test_score_and_distance_is_the_score_and_the_mean_neighbour_distance(digits, digits_cnn) -> None:
+    detector = KNNScore(digits_cnn, k=5).fit(digits.x_train[:300], digits.y_train[:300])
+    x = torch.cat([digits.x_test[:40], digits.x_train[:3]])
+    score, distance = detector.score_and_distance(x)
+    assert torch.equal(score, detector.score(x))
+    assert distance.dtype == torch.float64 and distance.shape == (43,)
+    neighbour_distances, _ = detector.neighbours(detector.features(x))
+    torch.testing.assert_close(distance, neighbour_distances.double().mean(1), rtol=1e-6, atol=1e-7)
+    assert bool((distance[:40] > 0).all())  # a training image has itself among its neighbours: smaller
+    assert detector.score_and_distance(x[:0])[1].shape == (0,)
+
+
 def test_scores_do_not_depend_on_batching_or_order(digits, digits_cnn: nn.Module) -> None:
     x = torch.cat([digits.x_test[:60], digits.x_train[:5]])  # includes exact matches of references
     params = {"k": 7, "weighting": "distance"}
@@ -416,6 +467,12 @@ def test_bad_configuration_is_refused(
         KNNScore(counting_model(digits_cnn), **params)
 
 
+@pytest.mark.parametrize("n_components", [0, -3, 2.0, True, "16"])
+def test_n_components_must_be_a_positive_int_or_none(digits_cnn: nn.Module, n_components: object) -> None:
+    with pytest.raises(ValueError, match="n_components must be an int > 0"):
+        KNNScore(digits_cnn, preprocess="pca", n_components=n_components)
+
+
 def test_default_layer_needs_a_conv() -> None:
     with pytest.raises(ValueError, match=r"layer=None picks the last Conv2d.*pass layer="):
         KNNScore(vector_model(4))
@@ -448,7 +505,7 @@ def test_bad_fit_input_is_refused_before_work(
 
 def test_pca_components_are_checked(digits, digits_cnn: nn.Module) -> None:
     x, y = digits.x_train[:100], digits.y_train[:100]
-    with pytest.raises(ValueError, match=r"n_components=17 must be <= .* min\(100, 16\)"):
+    with pytest.raises(ValueError, match=r"n_components=17 must be <= .* min\(100, 16\).*n_components=None"):
         KNNScore(digits_cnn, preprocess="pca", n_components=17).fit(x, y)
     duplicated = x[:1].expand(20, 1, 8, 8)
     with pytest.raises(ValueError, match="n_components=2 exceeds the rank 0"):
