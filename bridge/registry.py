@@ -3,15 +3,19 @@
 ``available_attacks()`` lists ``source:Name`` strings (``xaiadv:LRPGrad``, ``art:BasicIterativeMethod``,
 ``foolbox:LinfPGD``, ``torchattacks:PGD``); ``build_attack(name, model=..., bounds=..., preprocessing=...,
 **params)`` returns a :class:`BuiltAttack`, one uniform callable ``(x, y) -> x_adv`` on torch tensors.
-The libraries are used through their public APIs only; nothing is patched. A source whose library is
-not installed is simply absent from the list.
+``check_attack(name, params, model=..., input_shape=...)`` builds the attack as a run would without running
+it, and raises a :class:`ParameterError` that names the parameter at fault. The libraries are used
+through their public APIs only; nothing is patched. A source whose library is not installed is simply
+absent from the list.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -24,7 +28,7 @@ from xaiadv.plugins.attacks import AttackResult
 from xaiadv.plugins.checks import check_bounds
 from xaiadv.plugins.modes import modes_restored
 
-from ._common import ATTACK_CLASSES, build_config, run_plugin
+from ._common import ATTACK_CLASSES, attack_params, build_config, run_plugin
 
 #: Our attacks by registry name -> plugin pattern (IFGSMNoise is thesis Algorithm 8, a reference variant).
 XAIADV_ATTACKS: dict[str, str] = {**ATTACK_CLASSES, "IFGSMNoise": "ifgsm_noise"}
@@ -32,8 +36,8 @@ SOURCES = ("xaiadv", "art", "foolbox", "torchattacks")
 #: ART attacks whose estimator requirements would admit a PyTorchClassifier but which attack another kind of
 #: estimator: object detectors (their requirements are empty), or TensorFlow models.
 ART_EXCLUDED = frozenset({"OverloadPyTorch", "SNAL"})
-
-AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Foolbox takes the budget at call time, not in the constructor; the registry takes it among the params.
+FOOLBOX_CALL_PARAMS = ("epsilons",)
 
 
 @dataclass
@@ -190,39 +194,51 @@ def _mean_std(preprocessing: Any, n_channels: int) -> tuple[np.ndarray, np.ndarr
 def _build_art(
     name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
 ) -> BuiltAttack:
-    from art.estimators.classification import PyTorchClassifier
-
     cls = _art_attacks()[name]
     classifiers: dict[tuple[int, ...], Any] = {}
 
     def classifier_for(x: torch.Tensor) -> Any:
         shape = tuple(x.shape[1:])
         if shape not in classifiers:
-            with torch.no_grad():
-                n_classes = model(torch.zeros((1, *shape), device=x.device)).shape[1]
-            art_preprocessing = None if preprocessing is None else _mean_std(preprocessing, shape[0])
-            classifiers[shape] = PyTorchClassifier(
-                model,
-                loss=nn.CrossEntropyLoss(),
-                input_shape=shape,
-                nb_classes=n_classes,
-                clip_values=bounds,
-                preprocessing=art_preprocessing,
-                device_type=_device_type(x),
-            )
+            classifiers[shape] = art_classifier(model, shape, bounds, preprocessing, _device_type(x))
         return classifiers[shape]
 
     def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
         with modes_restored(model):
-            model.eval()  # the class-count probe must not update BatchNorm statistics
+            model.eval()
             attack = cls(classifier_for(x), **params)
             labels = None if y is None else _art_labels(y, model, x, attack)
             x_adv = attack.generate(x.detach().float().cpu().numpy(), y=labels)  # ART models want float32
         return torch.as_tensor(x_adv, device=x.device, dtype=x.dtype)
 
     return BuiltAttack(f"art:{name}", params, run)
+
+
+def art_classifier(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    bounds: tuple[float, float],
+    preprocessing: Any,
+    device_type: str = "cpu",
+) -> Any:
+    """ART's PyTorchClassifier of ``model`` for inputs shaped ``input_shape`` (class count from one probe)."""
+    from art.estimators.classification import PyTorchClassifier
+
+    with modes_restored(model), torch.no_grad():
+        model.eval()  # the class-count probe must not update BatchNorm statistics
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        n_classes = model(torch.zeros((1, *input_shape), device=device)).shape[1]
+    return PyTorchClassifier(
+        model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=n_classes,
+        clip_values=bounds,
+        preprocessing=None if preprocessing is None else _mean_std(preprocessing, input_shape[0]),
+        device_type=device_type,
+    )
 
 
 def _art_labels(y: torch.Tensor, model: nn.Module, x: torch.Tensor, attack: Any) -> np.ndarray:
@@ -307,3 +323,124 @@ def _build_torchattacks(
             return attack(x.detach().float(), labels.to(x.device).long()).to(x.dtype)
 
     return BuiltAttack(f"torchattacks:{name}", params, run)
+
+
+class ParameterError(ValueError):
+    """A parameter an attack or detector cannot take; ``parameter`` names it (None: the combination)."""
+
+    def __init__(self, parameter: str | None, message: str) -> None:
+        super().__init__(message if parameter is None else f"{parameter}: {message}")
+        self.parameter = parameter
+        self.reason = message
+
+
+def attack_parameters(name: str) -> dict[str, Any]:
+    """The parameters ``build_attack(name, ...)`` takes, each with its default (``inspect.empty`` if none).
+
+    Ours: the plugin's table. ART and torchattacks: the constructor's keywords after the estimator or
+    model. Foolbox: the constructor's keywords and ``epsilons`` (given at call time).
+    """
+    source, _, attack_name = name.partition(":")
+    if source == "xaiadv":
+        return attack_params(XAIADV_ATTACKS[attack_name])
+    signature = inspect.signature(_library_attacks(source)[attack_name].__init__)
+    keywords = list(signature.parameters.values())[1:]  # self
+    if source in ("art", "torchattacks"):
+        keywords = keywords[1:]  # the estimator or the model, which the registry passes
+    found = {p.name: p.default for p in keywords if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if source == "foolbox":
+        found.update(dict.fromkeys(FOOLBOX_CALL_PARAMS, None))
+    return found
+
+
+def check_parameter_names(name: str, params: Mapping[str, Any], valid: Mapping[str, Any]) -> None:
+    """An unknown parameter is a :class:`ParameterError` with the nearest valid name, or all of them."""
+    for key in params:
+        if key not in valid:
+            near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid: {', '.join(valid)}"
+            raise ParameterError(key, f"unknown parameter of {name}; {hint}")
+
+
+def _check_types_like_defaults(name: str, params: Mapping[str, Any], valid: Mapping[str, Any]) -> None:
+    """For libraries that check nothing themselves (torchattacks, Foolbox): a value of the default's kind.
+
+    A bool default takes a bool, a number default a number (not a bool; an integer default does not mean
+    integers only: torchattacks' CW has ``c=1``); without a default, or with None, it is left to the library.
+    """
+    for key, value in params.items():
+        default = valid[key]
+        if default is None or default is inspect.Parameter.empty:
+            continue
+        said = f"({name}'s default is {default!r}), got {value!r}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ParameterError(key, f"expected true or false {said}")
+        elif isinstance(default, numbers.Real) and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        ):
+            raise ParameterError(key, f"expected a number {said}")
+
+
+def check_attack(
+    name: str,
+    params: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    bounds: tuple[float, float] = (0.0, 1.0),
+    preprocessing: tuple[Any, Any] | None = None,
+) -> None:
+    """Build attack ``name`` with ``params`` for ``model`` as a run would, without running it.
+
+    Raises :class:`ParameterError` naming the parameter at fault: an unknown name (with the nearest valid
+    one), a value of the wrong kind, or a value the library itself refuses, blamed on the one parameter
+    that fails alone, or on the combination when none does.
+    """
+    valid = attack_parameters(name)
+    check_parameter_names(name, params, valid)
+    if name.partition(":")[0] in ("torchattacks", "foolbox"):
+        _check_types_like_defaults(name, params, valid)
+    blame_refusal(
+        name, params, lambda chosen: _construct(name, chosen, model, input_shape, bounds, preprocessing)
+    )
+
+
+def blame_refusal(name: str, params: Mapping[str, Any], construct: Callable[[dict[str, Any]], Any]) -> None:
+    """Run ``construct(params)``; on failure, name the parameter that fails alone (else the combination)."""
+    try:
+        construct(dict(params))
+        return
+    except Exception as error:  # any refusal of the library is reported with its type
+        refusal = error
+    culprit = None
+    if _succeeds(construct, {}):
+        culprit = next((key for key in params if not _succeeds(construct, {key: params[key]})), None)
+    said = f"({type(refusal).__name__}: {refusal})"
+    if culprit is None:
+        raise ParameterError(None, f"{name} refused them {said}") from refusal
+    raise ParameterError(culprit, f"{name} refused it {said}") from refusal
+
+
+def _succeeds(construct: Callable[[dict[str, Any]], Any], params: dict[str, Any]) -> bool:
+    try:
+        construct(params)
+    except Exception:  # only whether it builds matters here
+        return False
+    return True
+
+
+def _construct(
+    name: str,
+    params: dict[str, Any],
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    bounds: tuple[float, float],
+    preprocessing: Any,
+) -> None:
+    """Build the attack; ART's lazily built estimator is built here for ``input_shape``."""
+    built = build_attack(name, model=model, bounds=bounds, preprocessing=preprocessing, **params)
+    source, _, attack_name = built.name.partition(":")
+    if source == "art":
+        with modes_restored(model):
+            _art_attacks()[attack_name](art_classifier(model, input_shape, bounds, preprocessing), **params)

@@ -3,7 +3,7 @@
 xaiadv demo            the built-in evaluation (evaluation/demo.toml): attack and detector studies, a report
 xaiadv run CONFIG      run or resume the evaluation a TOML config describes
 xaiadv report RUN_DIR  re-render a run's report.md and figures from its saved results
-xaiadv list            every attack of the four sources, every detector and study, as source:Name
+xaiadv list            every attack, detector and study as source:Name, by kind and source (--flat)
 xaiadv train           train (or load from the cache) a reference CNN and print its accuracy
 xaiadv bench           seconds per iteration of IFGSM and the LRP attacks, side by side
 """
@@ -11,9 +11,11 @@ xaiadv bench           seconds per iteration of IFGSM and the LRP attacks, side 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -57,7 +59,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return _finish(run_demo(samples=args.samples, dataset=args.dataset, output=args.output, progress=True))
+    result = run_demo(samples=args.samples, dataset=args.dataset, output=args.output, progress=True)
+    return _finish(result, "demo")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,11 +68,11 @@ def _run(args: argparse.Namespace) -> int:
     from .run import run_evaluation
 
     overrides = {key: value for key, value in (("output", args.output), ("device", args.device)) if value}
-    return _finish(run_evaluation(load_config(args.config, overrides=overrides), progress=True))
+    return _finish(run_evaluation(load_config(args.config, overrides=overrides), progress=True), "run")
 
 
-def _finish(result: RunResult) -> int:
-    """Print the run's summary table, its warnings and the report's path."""
+def _finish(result: RunResult, command: str) -> int:
+    """Print the run's summary table, its warnings and the report's path; 1 when a cell failed."""
     from .report import summary_table
 
     data = result.results["data"]
@@ -84,7 +87,17 @@ def _finish(result: RunResult) -> int:
     for warning in result.results.get("warnings", []):
         print(f"warning: {warning}")
     print(f"\nreport: {result.report}")
-    return 0
+    failed = result.failed_cells
+    if not failed:
+        return 0
+    cells = ", ".join(f"{cell['kind']} {cell['label']!r} ({cell['error']})" for cell in failed)
+    plural = "s" if len(failed) > 1 else ""
+    print(
+        f"xaiadv {command}: {len(failed)} cell{plural} failed: {cells}; the others are saved; rerun the "
+        "same command to retry them",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -94,19 +107,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def listing(source: str | None = None) -> list[str]:
-    """Every attack of the four sources, then every detector and study, as ``source:Name``."""
+def listing(source: str | None = None) -> dict[str, list[str]]:
+    """Every attack of the four sources, every detector and study, as ``source:Name`` by kind."""
     from xaiadv.bridge.registry import available_attacks
 
     from .config import DETECTORS, STUDIES
 
-    names = available_attacks(source) + list(DETECTORS) + list(STUDIES)
-    return [name for name in names if source is None or name.startswith(f"{source}:")] if source else names
+    kinds = {"attacks": available_attacks(source), "detectors": list(DETECTORS), "studies": list(STUDIES)}
+    return {
+        kind: [name for name in names if source is None or name.startswith(f"{source}:")]
+        for kind, names in kinds.items()
+    }
+
+
+def grouped(names_by_kind: dict[str, list[str]], width: int = 100) -> str:
+    """One heading per kind and source ("attacks from art (44):"), ours first, the names wrapped below."""
+    from xaiadv.bridge.registry import SOURCES
+
+    blocks = []
+    for kind, names in names_by_kind.items():
+        present = {name.partition(":")[0] for name in names}
+        for source in (source for source in SOURCES if source in present):
+            mine = [name for name in names if name.startswith(f"{source}:")]
+            wrapped = textwrap.fill(
+                "  ".join(mine), width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
+            )
+            blocks.append(f"{kind} from {source} ({len(mine)}):\n{wrapped}")
+    return "\n\n".join(blocks)
 
 
 def _list(args: argparse.Namespace) -> int:
+    names = listing(args.source)
+    text = "\n".join(itertools.chain(*names.values())) if args.flat else grouped(names)
     try:
-        print("\n".join(listing(args.source)))
+        print(text)
     except BrokenPipeError:  # `xaiadv list | head`: the reader left, which is fine
         sys.stderr.close()
     return 0
@@ -176,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     names = commands.add_parser("list", help="every attack, detector and study as source:Name")
     names.add_argument("--source", choices=("xaiadv", "art", "foolbox", "torchattacks"))
+    names.add_argument("--flat", action="store_true", help="one name per line, for scripts")
     names.set_defaults(run=_list)
 
     train = commands.add_parser("train", help="train or load a reference CNN")
@@ -199,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xaiadv`` console script; returns the exit status."""
+    from .run import RunInterrupted
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
@@ -208,3 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"xaiadv {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as interrupted:
+        print(f"xaiadv {args.command}: {interrupted}", file=sys.stderr)
+        return 130

@@ -2,18 +2,29 @@
 
 A run names its data set and sample, the model (a cached reference CNN, or a user's checkpoint and the
 factory that builds its module), the attacks and detectors (registry names and parameters), the studies,
-the seed and the output directory. Every error names the key and the file. Relative paths are taken from
-the current directory, like any command-line tool. ``evaluation/demo.toml`` is the documented example
-(and what ``xaiadv demo`` runs).
+the seed and the output directory. Every error names the key and the file.
+
+Loading builds every attack and detector for the model, as the run will, without running any: a
+misspelt or refused parameter is a :class:`ConfigError` naming the file, the entry, the parameter and
+the nearest valid name, before the run spends any time. The output folder is taken from the current
+directory, like any command-line tool; a relative ``checkpoint`` and the ``factory``'s module from the
+config file's folder (where a user keeps them beside the TOML), the module then from ``sys.path``.
+``evaluation/demo.toml`` is the documented example (and what ``xaiadv demo`` runs).
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
 
 from .data import DATASETS
 
@@ -84,6 +95,7 @@ class RunConfig:
     (none left: each detector holds out part of its fitting images instead).
     ``equal_asr``: the attack labels compared at equal ASR (thesis Table 5.1); empty means all of them. An
     attack that rarely succeeds would otherwise pull the common ASR down to where nothing is compared.
+    ``folder``: the config file's folder (absolute), where the model factory's module is looked for.
     """
 
     dataset: str
@@ -101,11 +113,13 @@ class RunConfig:
     studies: tuple[str, ...] = STUDIES
     equal_asr: tuple[str, ...] = ()
     source: str = "<dict>"
+    folder: str = "."
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the fields (the source file's path left out: it names no result)."""
+        """JSON-ready dict of the fields (the source file and its folder left out: they name no result)."""
         data = asdict(self)
         data.pop("source")
+        data.pop("folder")
         return data
 
 
@@ -137,11 +151,15 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None)
         raise ConfigError(f"{path}: no such config file") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
-    return parse_config({**raw, **(overrides or {})}, source=str(path))
+    return parse_config({**raw, **(overrides or {})}, source=str(path), folder=path.parent)
 
 
-def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>") -> RunConfig:
-    """Validate a config given as a dict (the parsed TOML); errors name ``source`` and the key."""
+def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", folder: str | Path = ".") -> RunConfig:
+    """Validate a config given as a dict (the parsed TOML); errors name ``source`` and the key.
+
+    ``folder``: where a relative checkpoint and the factory's module are (a config file's folder).
+    """
+    folder = os.path.abspath(folder)
     check = _Checker(source)
     check.keys(raw, _TOP_KEYS, "")
     data = check.table(raw, "data")
@@ -160,13 +178,13 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>") -> RunConfig
     )
     _unique_labels(check, [a.label for a in attacks], "attacks")
     _unique_labels(check, [d.label for d in detectors], "detectors")
-    return RunConfig(
+    config = RunConfig(
         dataset=dataset,
         samples=check.positive_int(data, "samples", "data."),
         output=check.string(raw, "output", ""),
         attacks=attacks,
         detectors=detectors,
-        model=_model(check, model),
+        model=_model(check, model, folder),
         fallback=fallback,
         fit_samples=check.positive_int(data, "fit_samples", "data.", default=10_000),
         calibration_samples=check.positive_int(data, "calibration_samples", "data.", default=1000),
@@ -180,7 +198,10 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>") -> RunConfig
         ),
         equal_asr=_equal_asr(check, studies, [a.label for a in attacks]),
         source=source,
+        folder=folder,
     )
+    _check_buildable(check, config)
+    return config
 
 
 def _attack(check: _Checker, entry: object, index: int) -> AttackSpec:
@@ -223,7 +244,7 @@ def _detector(check: _Checker, entry: object, index: int) -> DetectorSpec:
     )
 
 
-def _model(check: _Checker, model: Mapping[str, Any]) -> ModelSpec:
+def _model(check: _Checker, model: Mapping[str, Any], folder: str) -> ModelSpec:
     checkpoint, factory = model.get("checkpoint"), model.get("factory")
     if (checkpoint is None) != (factory is None):
         raise ConfigError(
@@ -242,10 +263,24 @@ def _model(check: _Checker, model: Mapping[str, Any]) -> ModelSpec:
         else check.positive_int(model, "max_train", "model.", default=30_000),
         width=check.positive_int(model, "width", "model.", default=32),
         seed=check.natural_int(model, "seed", "model.", default=0),
-        checkpoint=None if checkpoint is None else check.string(model, "checkpoint", "model."),
+        checkpoint=None if checkpoint is None else _checkpoint(check, model, folder),
         factory=factory,
         factory_kwargs=dict(check.table(model, "factory_kwargs", required=False, prefix="model.")),
     )
+
+
+def _checkpoint(check: _Checker, model: Mapping[str, Any], folder: str) -> str:
+    """The checkpoint's absolute path, a relative one taken from the config file's folder; it must exist."""
+    given = check.string(model, "checkpoint", "model.")
+    path = os.path.abspath(os.path.join(folder, given))
+    if not os.path.isfile(path):
+        where = (
+            ""
+            if os.path.isabs(given)
+            else (f" (a relative checkpoint is taken from the config file's folder, {folder})")
+        )
+        raise ConfigError(f"{check.source}: model.checkpoint: no file {path}{where}")
+    return path
 
 
 def _equal_asr(check: _Checker, studies: Mapping[str, Any], labels: list[str]) -> tuple[str, ...]:
@@ -273,6 +308,82 @@ def _unique_labels(check: _Checker, labels: list[str], key: str) -> None:
     seen = {label for label in labels if labels.count(label) > 1}
     if seen:
         raise ConfigError(f"{check.source}: {key}: labels must be unique; repeated: {sorted(seen)}")
+
+
+# -------------------------------------------------------------------------------------------------
+# every attack and detector built for the model before the run spends any time
+
+
+@contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Building models for the checks draws random weights; the caller's torch and numpy streams stay."""
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    np.random.set_state(numpy_state)
+
+
+def _check_buildable(check: _Checker, config: RunConfig) -> None:
+    """Build each attack, detector and peer's training attack for the model, as the run will."""
+    from xaiadv.bridge.registry import art_classifier, check_attack
+
+    from .detector_study import check_detector
+    from .models import dataset_input_shape
+
+    input_shape = dataset_input_shape(config.dataset)
+    with _random_state_kept():
+        model = _model_to_check(check, config)
+        classifier = art_classifier(model, input_shape, (0.0, 1.0), None) if config.detectors else None
+        for index, attack in enumerate(config.attacks):
+            with _blamed(check, f"attacks[{index}]", attack.label, "params"):
+                check_attack(attack.name, attack.params, model=model, input_shape=input_shape)
+        for index, detector in enumerate(config.detectors):
+            where = f"detectors[{index}]"
+            with _blamed(check, where, detector.label, "params"):
+                check_detector(detector, classifier)
+            if detector.train_attack is not None:
+                with _blamed(check, where, detector.label, "train_params"):
+                    check_attack(
+                        detector.train_attack, detector.train_params, model=model, input_shape=input_shape
+                    )
+
+
+@contextmanager
+def _blamed(check: _Checker, where: str, label: str, key: str) -> Iterator[None]:
+    """A :class:`ParameterError` inside becomes a ConfigError naming the file, entry, label and key."""
+    from xaiadv.bridge.registry import ParameterError
+
+    try:
+        yield
+    except ParameterError as error:
+        named = key if error.parameter is None else f"{key}.{error.parameter}"
+        raise ConfigError(f'{check.source}: {where} (label "{label}"): {named}: {error.reason}') from error
+
+
+def _model_to_check(check: _Checker, config: RunConfig) -> nn.Module:
+    """The model the run will attack, untrained: the reference CNN, or the user's factory's module."""
+    from .models import import_factory, untrained_reference
+
+    spec = config.model
+    if spec.factory is None:
+        return untrained_reference(config.dataset, spec.width).eval()
+    try:
+        factory = import_factory(spec.factory, Path(config.folder))
+    except ValueError as error:
+        raise ConfigError(f"{check.source}: model.factory: {error}") from error
+    try:
+        model = factory(**spec.factory_kwargs)
+    except Exception as error:  # the user's factory raised: the config cannot build the model
+        raise ConfigError(
+            f"{check.source}: model.factory: {spec.factory}(**{dict(spec.factory_kwargs)}) raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{check.source}: model.factory: {spec.factory!r} returned {type(model).__name__}, "
+            "not a torch module"
+        )
+    return model.eval()
 
 
 @dataclass(frozen=True)

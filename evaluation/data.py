@@ -25,7 +25,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["DATASETS", "SYSTEM_DIRS", "Dataset", "DatasetNotFoundError", "load_dataset"]
+__all__ = ["DATASETS", "SYSTEM_DIRS", "Dataset", "DatasetNotFoundError", "class_names", "load_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,11 @@ def _describe(a: object) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Public entry point
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """The class names of data set ``name`` (one of :data:`DATASETS`), without loading it."""
+    return _CLASSES[name]
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None) -> Dataset:

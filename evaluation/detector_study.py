@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xaiadv.bridge.registry import build_attack
+from xaiadv.bridge.registry import ParameterError, blame_refusal, build_attack, check_parameter_names
 
 from .config import DetectorSpec
 from .metrics import equal_error_accuracy, operating_point, roc_auc, roc_curve, tpr_at_fpr
@@ -33,6 +33,12 @@ FPR_POINTS = (0.01, 0.05, 0.10)
 #: Training of ART's peer detectors (their own small networks).
 PEER_EPOCHS = 5
 PEER_LR = 1e-3
+
+#: The parameters ART's peer detectors take in a run config, with their defaults (None: chosen at fit).
+PEER_PARAMS: dict[str, dict[str, Any]] = {
+    "art:BinaryInputDetector": {"epochs": PEER_EPOCHS},
+    "art:BinaryActivationDetector": {"epochs": PEER_EPOCHS, "layer": None},
+}
 
 #: (scores, flags) of a fitted detector on a batch of inputs.
 Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -52,6 +58,40 @@ def art_classifier(
         clip_values=(0.0, 1.0),
         device_type="gpu" if device.type == "cuda" else "cpu",
     )
+
+
+def check_detector(spec: DetectorSpec, classifier: Any) -> None:
+    """Build the detector of ``spec`` on ``classifier`` (ART's, of the run's model) without fitting it.
+
+    Raises :class:`ParameterError` naming the parameter: unknown (with the nearest valid name), or
+    refused by the detector's own validation.
+    """
+    if spec.name.startswith("xaiadv:"):
+        from xaiadv.bridge import art as bridge_art
+
+        cls = getattr(bridge_art, spec.name.partition(":")[2])
+        check_parameter_names(spec.name, spec.params, {**cls.plugin_params, **cls.calibration_params})
+        blame_refusal(spec.name, spec.params, lambda chosen: cls(classifier, **chosen))
+    else:
+        _peer_layer(spec, classifier)
+
+
+def _peer_layer(spec: DetectorSpec, classifier: Any) -> str | None:
+    """Check a peer's parameters; the layer BinaryActivationDetector reads (default the second to last)."""
+    check_parameter_names(spec.name, spec.params, PEER_PARAMS[spec.name])
+    epochs = spec.params.get("epochs", PEER_EPOCHS)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise ParameterError("epochs", f"expected an integer > 0, got {epochs!r}")
+    if spec.name != "art:BinaryActivationDetector":
+        return None
+    layer = spec.params.get("layer", classifier.layer_names[-2])
+    if layer not in classifier.layer_names:
+        raise ParameterError(
+            "layer",
+            f"{spec.name} refused it (ValueError: {layer!r} is not a layer of the model; its layers: "
+            f"{', '.join(classifier.layer_names)})",
+        )
+    return layer
 
 
 def fit_detector(
@@ -115,12 +155,6 @@ def _fit_peer(
     """
     from art.defences.detector.evasion import BinaryActivationDetector, BinaryInputDetector
 
-    allowed = {"epochs", "layer"} if spec.name == "art:BinaryActivationDetector" else {"epochs"}
-    unknown = sorted(set(spec.params) - allowed)
-    if unknown:
-        raise ValueError(
-            f"{spec.label}: unknown parameter(s) {unknown} for {spec.name}; valid: {sorted(allowed)}"
-        )
     n_train = min(spec.train_samples, len(x_fit))
     x_clean, y_clean = x_fit[:n_train], y_fit[:n_train]
     attack = build_attack(spec.train_attack, model=model, bounds=(0.0, 1.0), **spec.train_params)
@@ -142,7 +176,7 @@ def _fit_peer(
         network = _input_detector_network(x_fit.shape[1:])
         detector = BinaryInputDetector(_binary_classifier(network, x_fit.shape[1:], device))
     else:
-        layer = spec.params.get("layer", classifier.layer_names[-2])
+        layer = _peer_layer(spec, classifier)
         width = int(np.prod(classifier.get_activations(x_fit[:1], layer, 1).shape[1:]))
         network = nn.Sequential(nn.Flatten(), nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 2))
         detector = BinaryActivationDetector(classifier, _binary_classifier(network, (width,), device), layer)

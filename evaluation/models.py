@@ -13,13 +13,19 @@ every write is atomic.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -28,19 +34,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from xaiadv.evaluation.data import DATASETS, Dataset, load_dataset
+from xaiadv.evaluation.data import DATASETS, Dataset, class_names, load_dataset
 from xaiadv.plugins.storage import atomic_write
 
 __all__ = [
     "SCHEMA_VERSION",
     "TrainConfig",
     "TrainedModel",
+    "dataset_input_shape",
     "default_cache_dir",
+    "import_factory",
     "load_model",
     "load_or_train",
     "reference_cnn",
     "save_model",
     "train_reference_model",
+    "untrained_reference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -316,7 +325,7 @@ def save_model(
     leaves a manifest pointing at missing or partial weights.
     """
     shape = _check_input_shape(
-        input_shape if input_shape is not None else _dataset_input_shape(config.dataset)
+        input_shape if input_shape is not None else dataset_input_shape(config.dataset)
     )
     num_classes = _num_classes(model)
     _check_architecture(model, shape, num_classes, config.width, where="model")
@@ -342,7 +351,57 @@ def save_model(
     return weights
 
 
-def _dataset_input_shape(name: str) -> tuple[int, int, int]:
+def untrained_reference(dataset: str, width: int) -> nn.Sequential:
+    """The reference CNN for ``dataset``'s samples and classes, freshly initialised (e.g. to check layer
+    names and parameters against it before any training)."""
+    return reference_cnn(dataset_input_shape(dataset), len(class_names(dataset)), width=width)
+
+
+def import_factory(factory: str, folder: Path) -> Callable[..., Any]:
+    """The callable that ``factory`` ("module:callable") names, its module searched in ``folder`` first.
+
+    ``folder`` (a config file's folder, where a user keeps ``mymodels.py`` beside the TOML) is put at the
+    front of ``sys.path`` only while importing. Errors say where the module was looked for, which import
+    inside it failed, or the nearest name the module does have.
+    """
+    module_name, _, attribute = factory.partition(":")
+    module = _import_from(module_name, folder, factory)
+    if not hasattr(module, attribute):
+        public = [name for name in dir(module) if not name.startswith("_")]
+        near = difflib.get_close_matches(attribute, public, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(
+            f"cannot import {factory!r}: {module_name} ({module.__file__}) has no attribute "
+            f"{attribute!r}{hint}"
+        )
+    return getattr(module, attribute)
+
+
+def _import_from(module_name: str, folder: Path, factory: str) -> ModuleType:
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:  # a parent package of a dotted name is missing
+            spec = None
+        if spec is None:
+            raise ValueError(
+                f"cannot import {factory!r} (No module named {module_name!r}); looked in {folder} (the "
+                f"config file's folder) and on sys.path ({', '.join(sys.path[1:])})"
+            )
+        try:
+            return importlib.import_module(module_name)
+        except Exception as error:  # the user's module itself raised: name it and its failing import
+            raise ValueError(
+                f"cannot import {factory!r}: importing {module_name} ({spec.origin}) failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    finally:
+        sys.path.remove(entry)
+
+
+def dataset_input_shape(name: str) -> tuple[int, int, int]:
     """Sample shape of a known dataset, without loading it."""
     return {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[
         name

@@ -124,9 +124,13 @@ def render_report(run_dir: str | Path) -> Path:
 
 def _header(results: dict[str, Any]) -> str:
     data, model, env = results["data"], results["model"], results["environment"]
-    status = (
-        "complete" if results.get("complete") else "INCOMPLETE: interrupted or still running; rerun to finish"
-    )
+    failed = results.get("failed_cells", [])
+    if results.get("complete"):
+        status = "complete"
+    elif failed:
+        status = f"INCOMPLETE: {len(failed)} cell(s) failed (their errors are below); rerun to retry them"
+    else:
+        status = "INCOMPLETE: interrupted or still running; rerun to finish"
     lines = [
         "# xaiadv evaluation report",
         "",

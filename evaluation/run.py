@@ -3,15 +3,16 @@
 ``run_evaluation(config)`` prepares the output folder (refusing one it cannot write before any work),
 loads the data and the model, takes the fixed sample (the first ``samples`` test images), then runs each
 cell (an attack, a detector) unless a finished cell with the same key is on disk. ``results.json`` is
-rewritten after every cell with ``complete: false`` and finally with ``complete: true``, then the
-report is rendered. The same config and seed give the same ``results.json`` on CPU, timings aside.
+rewritten after every cell with ``complete: false``, finally with ``complete: true`` when no cell failed,
+then the report is rendered. A cell that raises fails alone: the others finish, ``failed_cells`` lists it
+and a rerun retries it. Ctrl-C raises :class:`RunInterrupted`, which says how many cells are saved. The
+same config and seed give the same ``results.json`` on CPU, timings aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import logging
 import platform
 import subprocess
@@ -32,7 +33,7 @@ from xaiadv.plugins.checks import looks_like_probabilities
 from . import attack_study, detector_study
 from .config import RunConfig
 from .data import Dataset, DatasetNotFoundError, load_dataset, training_subset
-from .models import TrainConfig, load_or_train
+from .models import TrainConfig, import_factory, load_or_train
 from .report import render_report
 from .rundir import SCHEMA_VERSION, RunDirectory, key_of, to_json
 
@@ -61,6 +62,25 @@ class RunResult:
     def report(self) -> Path:
         return self.directory / "report.md"
 
+    @property
+    def failed_cells(self) -> list[dict[str, str]]:
+        """The cells that raised: kind, label and error of each (empty when the run is complete)."""
+        return self.results["failed_cells"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the cells finished so far are saved in ``directory``; a rerun resumes.
+
+    A KeyboardInterrupt still (a caller's ``except KeyboardInterrupt`` sees it), with the count to say.
+    """
+
+    def __init__(self, finished: int, total: int, directory: Path) -> None:
+        super().__init__(
+            f"interrupted; {finished} of {total} cells finished and are saved in {directory}; "
+            "rerun the same command to resume"
+        )
+        self.finished, self.total, self.directory = finished, total, directory
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -70,10 +90,44 @@ class LoadedModel:
 
 
 def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
-    """Run (or resume) the studies of ``config`` and render the report; returns the run's results."""
+    """Run (or resume) the studies of ``config`` and render the report; returns the run's results.
+
+    Raises :class:`RunInterrupted` on Ctrl-C (KeyboardInterrupt), after the finished cells are saved.
+    """
     device = _device(config.device)
     run_dir = RunDirectory(config.output)
     run_dir.prepare()
+    results: dict[str, Any] = {"attacks": {}, "detectors": {}}
+    try:
+        return _run_studies(config, device, run_dir, results, progress)
+    except KeyboardInterrupt as interrupt:
+        raise RunInterrupted(_finished_cells(results), _cell_count(config), run_dir.root) from interrupt
+
+
+def _cell_count(config: RunConfig) -> int:
+    """Attack cells always run (the detectors score their examples); detector cells with their study."""
+    detectors = len(config.detectors) if "xaiadv:DetectorStudy" in config.studies else 0
+    return len(config.attacks) + detectors
+
+
+def _finished_cells(results: dict[str, Any]) -> int:
+    cells = [*results["attacks"].values(), *results["detectors"].values()]
+    return sum(cell["status"] == "done" for cell in cells)
+
+
+def _failed_cells(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Kind, label and error of every cell that raised, attacks first, in the config's order."""
+    cells = [*results["attacks"].values(), *results["detectors"].values()]
+    return [
+        {"kind": cell["kind"], "label": cell["label"], "error": cell["error"]}
+        for cell in cells
+        if cell["status"] == "failed"
+    ]
+
+
+def _run_studies(
+    config: RunConfig, device: torch.device, run_dir: RunDirectory, results: dict[str, Any], progress: bool
+) -> RunResult:
     run_dir.write_json(run_dir.root / "config.json", config.to_dict())
     data, fell_back = _dataset(config)
     loaded = load_model(config, data, device)
@@ -82,22 +136,25 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
     base_key = key_of(
         config.dataset, data.name, config.samples, config.seed, loaded.digest, config.batch_size
     )
-    results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": False,
-        "config": config.to_dict(),
-        "environment": environment(config, device),
-        "data": {
-            "dataset": data.name,
-            "fell_back": fell_back,
-            "n": len(sample.y),
-            "n_correct": int(sample.initially_correct.sum()),
-        },
-        "model": loaded.description,
-        "checks": _checks(model, sample, config.batch_size, device),
-        "attacks": {},
-        "detectors": {},
-    }
+    results.update(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "complete": False,
+            "config": config.to_dict(),
+            "environment": environment(config, device),
+            "data": {
+                "dataset": data.name,
+                "fell_back": fell_back,
+                "n": len(sample.y),
+                "n_correct": int(sample.initially_correct.sum()),
+            },
+            "model": loaded.description,
+            "checks": _checks(model, sample, config.batch_size, device),
+            "attacks": {},
+            "detectors": {},
+            "failed_cells": [],
+        }
+    )
     run_dir.write_json(run_dir.results, results)
     run_dir.write_json(run_dir.root / "environment.json", results["environment"])
     run_dir.save_arrays(
@@ -114,7 +171,8 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
         results["warnings"] = results["checks"]["warnings"] + attack_study.attack_warnings(attacks)
     if "xaiadv:DetectorStudy" in config.studies and config.detectors:
         _detector_cells(config, model, data, sample, run_dir, base_key, attacks, device, progress, results)
-    results["complete"] = True
+    results["failed_cells"] = _failed_cells(results)
+    results["complete"] = not results["failed_cells"]
     run_dir.write_json(run_dir.results, results)
     render_report(run_dir.root)
     return RunResult(run_dir.root, to_json(results))
@@ -307,11 +365,10 @@ def load_model(config: RunConfig, data: Dataset, device: torch.device) -> Loaded
         model = trained.model
         description = {"kind": "reference", "train": train.to_dict(), "test_accuracy": trained.test_accuracy}
     else:
-        module_name, _, attribute = spec.factory.partition(":")
         try:
-            factory = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"model.factory: cannot import {spec.factory!r} ({error})") from error
+            factory = import_factory(spec.factory, Path(config.folder))
+        except ValueError as error:
+            raise ValueError(f"model.factory: {error}") from error
         model = factory(**spec.factory_kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(

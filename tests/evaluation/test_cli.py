@@ -62,8 +62,10 @@ def _table_rows(text: str) -> list[list[str]]:
 # list
 
 
-def test_list_prints_every_attack_detector_and_study_one_per_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["list"]) == 0
+def test_list_flat_prints_every_attack_detector_and_study_one_per_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["list", "--flat"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == available_attacks() + list(DETECTORS) + list(STUDIES)
     assert {"xaiadv:LRPGrad", "art:BasicIterativeMethod", "xaiadv:LRPFlip"} <= set(lines)
@@ -72,7 +74,7 @@ def test_list_prints_every_attack_detector_and_study_one_per_line(capsys: pytest
 
 
 def test_list_source_filters(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["list", "--source", "xaiadv"]) == 0
+    assert main(["list", "--flat", "--source", "xaiadv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "xaiadv:LRPGrad" in lines
     assert lines and all(line.startswith("xaiadv:") for line in lines)
@@ -271,7 +273,7 @@ def test_console_script_list_runs(tmp_path: Path) -> None:
     assert script.is_file(), f"console script missing next to {sys.executable}"
     env = {**os.environ, "XAIADV_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
-        [str(script), "list", "--source", "xaiadv"],
+        [str(script), "list", "--flat", "--source", "xaiadv"],
         capture_output=True,
         text=True,
         env=env,

@@ -147,3 +147,191 @@ def test_file_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"typo.toml: unknown key\(s\) data.sampels"):
         load_config(typo)
+
+
+# --------------------------------------------------------------------------------------------------
+# every attack and detector is built by its library when the config loads
+
+VALID = [
+    {"name": "xaiadv:LRPGrad", "label": "LRP-grad", "params": {"eps": 0.1}},
+    {"name": "torchattacks:PGD", "label": "PGD", "params": {"eps": 0.3, "steps": 2}},
+]
+
+
+def _third_attack(entry: dict[str, Any]) -> dict[str, Any]:
+    """MINIMAL with two valid attacks and ``entry`` as attacks[2]."""
+    return {**MINIMAL, "attacks": [*VALID, entry]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"name": "xaiadv:LRPGrad", "label": "BIM", "params": {"eps": 0.01, "max_iters": 20}},
+            r"cfg.toml: attacks\[2\] \(label \"BIM\"\): params.max_iters: unknown parameter of "
+            r"xaiadv:LRPGrad; did you mean 'max_iter'\?",
+        ),
+        (
+            {"name": "art:BasicIterativeMethod", "label": "BIM", "params": {"eps": 0.3, "max_iters": 20}},
+            r"cfg.toml: attacks\[2\] \(label \"BIM\"\): params.max_iters: unknown parameter of "
+            r"art:BasicIterativeMethod; did you mean 'max_iter'\?",
+        ),
+        (
+            {"name": "torchattacks:PGD", "label": "PGD 2", "params": {"stepz": 20}},
+            r"cfg.toml: attacks\[2\] \(label \"PGD 2\"\): params.stepz: unknown parameter of "
+            r"torchattacks:PGD; did you mean 'steps'\?",
+        ),
+        (
+            {"name": "foolbox:LinfPGD", "label": "fb", "params": {"epsilons": 0.3, "stepz": 3}},
+            r"attacks\[2\] \(label \"fb\"\): params.stepz: unknown parameter of foolbox:LinfPGD; "
+            r"did you mean 'steps'\?",
+        ),
+        (
+            {"name": "xaiadv:LRPGrad", "label": "LRP 2", "params": {"eps": "0.01"}},
+            r"cfg.toml: attacks\[2\] \(label \"LRP 2\"\): params.eps: xaiadv:LRPGrad refused it "
+            r"\(ValueError: eps must be a finite number > 0 or None; got '0.01'\)",
+        ),
+        (
+            {"name": "art:BasicIterativeMethod", "label": "BIM", "params": {"eps": "0.3"}},
+            r"attacks\[2\] \(label \"BIM\"\): params.eps: art:BasicIterativeMethod refused it "
+            r"\(TypeError: The perturbation size `eps`",
+        ),
+        (
+            {"name": "torchattacks:PGD", "label": "PGD 2", "params": {"eps": "0.01"}},
+            r"attacks\[2\] \(label \"PGD 2\"\): params.eps: expected a number \(torchattacks:PGD's "
+            r"default is 0.0313\d*\), got '0.01'",
+        ),
+        (
+            {"name": "foolbox:LinfPGD", "label": "fb", "params": {"epsilons": 0.3, "steps": "3"}},
+            r"attacks\[2\] \(label \"fb\"\): params.steps: expected a number .*, got '3'",
+        ),
+        (
+            {"name": "torchattacks:PGD", "label": "PGD 2", "params": {"random_start": 0}},
+            r"params.random_start: expected true or false .*, got 0",
+        ),
+        (
+            {"name": "foolbox:LinfPGD", "label": "fb", "params": {"steps": 3}},
+            r"attacks\[2\] \(label \"fb\"\): params: foolbox:LinfPGD refused them \(ValueError: "
+            r"foolbox:LinfPGD is a fixed-epsilon attack: pass epsilons=<budget>\)",
+        ),
+        (
+            {"name": "xaiadv:LRPGrad", "label": "LRP 2", "params": {"n_batch": -4}},
+            r"attacks\[2\] \(label \"LRP 2\"\): params.n_batch: xaiadv:LRPGrad refused it",
+        ),
+    ],
+    ids=[
+        "ours-name",
+        "art-name",
+        "torchattacks-name",
+        "foolbox-name",
+        "ours-type",
+        "art-type",
+        "torchattacks-type",
+        "foolbox-type",
+        "torchattacks-bool",
+        "foolbox-missing",
+        "ours-value",
+    ],
+)
+def test_misconfigured_attack_params_are_config_errors(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_third_attack(entry), source="cfg.toml")
+
+
+def test_an_unknown_name_far_from_any_lists_the_valid_ones() -> None:
+    entry = {"name": "torchattacks:PGD", "label": "PGD 2", "params": {"colour": 1}}
+    with pytest.raises(
+        ConfigError, match=r"params.colour: unknown parameter of torchattacks:PGD; valid: "
+    ) as e:
+        parse_config(_third_attack(entry), source="cfg.toml")
+    assert "did you mean" not in str(e.value)
+    assert "alpha" in str(e.value) and "model" not in str(e.value).split("valid: ")[1]
+
+
+def test_valid_library_params_pass_including_arts_string_norm() -> None:
+    entries = [
+        {"name": "art:ProjectedGradientDescent", "label": "a", "params": {"norm": "inf", "eps": 0.3}},
+        {"name": "torchattacks:CW", "label": "b", "params": {"c": 0.5, "steps": 3}},
+        {"name": "foolbox:LinfPGD", "label": "c", "params": {"epsilons": 0.3, "steps": 3}},
+    ]
+    config = parse_config({**MINIMAL, "attacks": entries}, source="cfg.toml")
+    assert [attack.label for attack in config.attacks] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("detector", "message"),
+    [
+        (
+            {"name": "xaiadv:KNNDetector", "label": "kNN", "params": {"kk": 5}},
+            r"cfg.toml: detectors\[1\] \(label \"kNN\"\): params.kk: unknown parameter of "
+            r"xaiadv:KNNDetector; did you mean 'k'\?",
+        ),
+        (
+            {"name": "xaiadv:IDefender", "label": "ID", "params": {"keep": 1.5}},
+            r"detectors\[1\] \(label \"ID\"\): params.keep: xaiadv:IDefender refused it \(ValueError: ",
+        ),
+        (
+            {"name": "xaiadv:SpatialEntropyDetector", "label": "SE", "params": {"layer": "features.9"}},
+            r"detectors\[1\] \(label \"SE\"\): params.layer: xaiadv:SpatialEntropyDetector refused it "
+            r"\(ValueError: layer\(s\) \['features.9'\] not in the model",
+        ),
+        (
+            {
+                "name": "art:BinaryActivationDetector",
+                "label": "BAD",
+                "train_attack": "art:FastGradientMethod",
+                "params": {"epoch": 2},
+            },
+            r"detectors\[1\] \(label \"BAD\"\): params.epoch: unknown parameter of "
+            r"art:BinaryActivationDetector; did you mean 'epochs'\?",
+        ),
+        (
+            {
+                "name": "art:BinaryInputDetector",
+                "label": "BID",
+                "train_attack": "art:FastGradientMethod",
+                "params": {"epochs": 0},
+            },
+            r"detectors\[1\] \(label \"BID\"\): params.epochs: expected an integer > 0, got 0",
+        ),
+        (
+            {
+                "name": "art:BinaryActivationDetector",
+                "label": "BAD",
+                "train_attack": "art:FastGradientMethod",
+                "params": {"layer": "nope"},
+            },
+            r"detectors\[1\] \(label \"BAD\"\): params.layer: art:BinaryActivationDetector refused it",
+        ),
+        (
+            {
+                "name": "art:BinaryInputDetector",
+                "label": "BID",
+                "train_attack": "art:FastGradientMethod",
+                "train_params": {"epz": 0.1},
+            },
+            r"detectors\[1\] \(label \"BID\"\): train_params.epz: unknown parameter of "
+            r"art:FastGradientMethod; did you mean 'eps'\?",
+        ),
+    ],
+    ids=["ours-name", "ours-value", "ours-layer", "peer-name", "peer-epochs", "peer-layer", "peer-train"],
+)
+def test_misconfigured_detector_params_are_config_errors(detector: dict[str, Any], message: str) -> None:
+    raw = {**MINIMAL, "detectors": [{"name": "xaiadv:KNNDetector", "label": "first"}, detector]}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, source="cfg.toml")
+
+
+def test_a_valid_detector_layer_of_the_reference_cnn_passes() -> None:
+    raw = {**MINIMAL, "detectors": [{"name": "xaiadv:SpatialEntropyDetector", "params": {"layer": "0"}}]}
+    assert parse_config(raw).detectors[0].params == {"layer": "0"}
+
+
+def test_loading_a_config_leaves_the_global_rng_alone() -> None:
+    import torch
+
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    load_config(DEMO_CONFIG)
+    assert torch.equal(torch.rand(2), expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 from xaiadv.evaluation import attack_study, run
 from xaiadv.evaluation.cli import main
@@ -197,16 +199,96 @@ def test_a_rerun_reuses_finished_cells_and_an_interrupted_run_never_claims_compl
     assert calls == []
 
 
-def test_an_attack_that_raises_is_a_failed_cell_and_the_run_goes_on(
+def _strict_json(path: Path) -> dict[str, Any]:
+    """results.json parsed with NaN and infinities refused (JSON has none; Python's json accepts them)."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_a_cell_that_raises_fails_the_run_but_the_others_finish(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, tmp_path / "out")
+    real = attack_study.run_attack_cell
+
+    def flaky(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        if spec.label == "PGD (Foolbox)":
+            raise RuntimeError("the GPU fell over")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(attack_study, "run_attack_cell", flaky)
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "xaiadv run: 1 cell failed: attack 'PGD (Foolbox)' (RuntimeError: the GPU fell over)" in err
+    assert "rerun the same command to retry them" in err
+    results = _strict_json(tmp_path / "out" / "results.json")
+    assert results["complete"] is False
+    assert results["failed_cells"] == [
+        {"kind": "attack", "label": "PGD (Foolbox)", "error": "RuntimeError: the GPU fell over"}
+    ]
+    assert results["attacks"]["PGD (Foolbox)"]["status"] == "failed"
+    assert results["attacks"]["LRP-grad"]["status"] == results["attacks"]["PGD (torchattacks)"]["status"]
+    assert results["attacks"]["LRP-grad"]["status"] == "done"
+    assert results["detectors"]["kNN"]["status"] == "done"
+    assert "PGD (Foolbox)" not in results["detectors"]["kNN"]["rows"]
+    assert "- PGD (Foolbox): RuntimeError: the GPU fell over" in (tmp_path / "out" / "report.md").read_text()
+
+    monkeypatch.setattr(attack_study, "run_attack_cell", real)  # fixed: the rerun finishes the run
+    assert main(["run", str(path)]) == 0
+    results = _strict_json(tmp_path / "out" / "results.json")
+    assert results["complete"] is True and results["failed_cells"] == []
+
+
+def test_a_detector_that_raises_is_a_failed_cell(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    body = CONFIG.replace("eps = 0.05, max_iter = 10", "eps = 0.05, max_iter = 10, n_batch = -4")
-    result = run_evaluation(load_config(write_config(tmp_path, tmp_path / "out", body)))
-    failed = result.results["attacks"]["LRP-grad"]
-    assert failed["status"] == "failed" and "n_batch" in failed["error"]
-    assert result.results["attacks"]["PGD (Foolbox)"]["status"] == "done"
-    assert "LRP-grad" not in result.results["detectors"]["kNN"]["rows"]
-    assert "- LRP-grad: " in result.report.read_text()
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("no features")
+
+    monkeypatch.setattr(run.detector_study, "fit_detector", broken)
+    result = run_evaluation(load_config(write_config(tmp_path, tmp_path / "out")))
+    assert result.results["complete"] is False
+    assert result.failed_cells == [{"kind": "detector", "label": "kNN", "error": "ValueError: no features"}]
+    assert all(cell["status"] == "done" for cell in result.results["attacks"].values())
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_hint_and_exits_130(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, tmp_path / "out")
+    real = attack_study.run_attack_cell
+
+    def interrupted(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        if spec.label == "PGD (Foolbox)":
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(attack_study, "run_attack_cell", interrupted)
+    assert main(["run", str(path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.endswith(  # after the progress bars, one line
+        f"\nxaiadv run: interrupted; 2 of 4 cells finished and are saved in {tmp_path / 'out'}; "
+        "rerun the same command to resume\n"
+    )
+    assert "Traceback" not in captured.out + captured.err
+    assert _strict_json(tmp_path / "out" / "results.json")["complete"] is False
+
+
+def test_ctrl_c_before_any_cell_says_none_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "load_dataset", interrupted)
+    assert main(["run", str(write_config(tmp_path, tmp_path / "out"))]) == 130
+    assert capsys.readouterr().err == (
+        f"xaiadv run: interrupted; 0 of 4 cells finished and are saved in {tmp_path / 'out'}; "
+        "rerun the same command to resume\n"
+    )
 
 
 def test_an_unwritable_output_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,8 +329,31 @@ def test_cli_errors_exit_2_with_the_message(tmp_path: Path, capsys: pytest.Captu
     assert "is nowhere a run folder?" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
 
 
-def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_groups_names_by_kind_and_source(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    headings = [line for line in out.splitlines() if line and not line.startswith("  ")]
+    assert headings[0] == "attacks from xaiadv (5):"
+    assert [h.split(" (")[0] for h in headings] == [
+        "attacks from xaiadv",
+        "attacks from art",
+        "attacks from foolbox",
+        "attacks from torchattacks",
+        "detectors from xaiadv",
+        "detectors from art",
+        "studies from xaiadv",
+    ]
+    assert main(["list", "--flat"]) == 0
+    flat = capsys.readouterr().out.split()
+    listed = [name for line in out.splitlines() if line.startswith("  ") for name in line.split()]
+    assert sorted(listed) == sorted(flat) and len(set(flat)) == len(flat)  # every name once
+    counts = [int(h.rsplit("(", 1)[1].rstrip("):")) for h in headings]
+    assert sum(counts) == len(flat)
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--flat"]) == 0
     names = capsys.readouterr().out.splitlines()
     assert {"xaiadv:LRPGrad", "art:DeepFool", "foolbox:LinfPGD", "torchattacks:PGD"} <= set(names)
     assert {
@@ -258,7 +363,7 @@ def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[
         "xaiadv:DetectorStudy",
     } <= set(names)
     assert all(name.count(":") == 1 for name in names)
-    assert main(["list", "--source", "art"]) == 0
+    assert main(["list", "--flat", "--source", "art"]) == 0
     art = capsys.readouterr().out.splitlines()
     assert "art:BinaryActivationDetector" in art and all(name.startswith("art:") for name in art)
 
@@ -292,6 +397,134 @@ def test_a_users_checkpoint_and_factory_are_loaded(cache: Path, tmp_path: Path) 
         run.load_model(
             load_config(write_config(tmp_path, tmp_path / "out", missing)), None, torch.device("cpu")
         )
+
+
+USER_MODULE = """
+from torch import nn
+
+
+def make_model(width=4):
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 10)
+    )
+"""
+
+
+def _user_model_folder(folder: Path, module: str) -> nn.Module:
+    """A factory module and its checkpoint beside where the TOML will be; returns the saved model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{module}.py").write_text(USER_MODULE, encoding="utf-8")
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
+    )
+    safetensors.torch.save_file(model.state_dict(), str(folder / "weights.safetensors"))
+    return model.eval()
+
+
+def _user_model_body(module: str, checkpoint: str = "weights.safetensors") -> str:
+    """CONFIG with the user's model and a single short attack, no detector."""
+    head, _, _ = CONFIG.partition("[model]")
+    return (
+        head
+        + f'[model]\ncheckpoint = "{checkpoint}"\nfactory = "{module}:make_model"\n'
+        + "factory_kwargs = { width = 4 }\n\n"
+        + '[[attacks]]\nname = "xaiadv:LRPGrad"\nlabel = "LRP-grad"\nparams = { eps = 0.05, max_iter = 3 }\n'
+    )
+
+
+@pytest.fixture
+def module_name(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A module name no other test imports; forgotten by sys.modules after the test."""
+    name = f"xaiadv_user_models_{request.node.name.split('[')[0][-20:]}"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_a_factory_module_and_a_relative_checkpoint_beside_the_toml_load_from_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], module_name: str
+) -> None:
+    project = tmp_path / "project"
+    saved = _user_model_folder(project, module_name)
+    path = write_config(project, tmp_path / "out", _user_model_body(module_name))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path_before = list(sys.path)
+    config = load_config(Path("..") / "project" / "run.toml")
+    assert sys.path == path_before  # the config's folder was searched, not added for good
+    assert config.model.checkpoint == str(project / "weights.safetensors")
+    loaded = run.load_model(config, None, torch.device("cpu"))
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), saved(x))
+    assert main(["run", str(path)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"]["kind"] == "checkpoint" and results["complete"] is True
+    assert results["model"]["checkpoint"] == str(project / "weights.safetensors")
+    assert sys.path == path_before
+
+
+def test_an_absolute_checkpoint_is_taken_as_it_is(tmp_path: Path, module_name: str) -> None:
+    project = tmp_path / "project"
+    _user_model_folder(project, module_name)
+    weights = tmp_path / "weights-elsewhere.safetensors"
+    (project / "weights.safetensors").rename(weights)
+    config = load_config(write_config(project, tmp_path / "out", _user_model_body(module_name, str(weights))))
+    assert config.model.checkpoint == str(weights)
+
+
+def test_a_missing_factory_module_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], module_name: str
+) -> None:
+    project = tmp_path / "project"
+    _user_model_folder(project, module_name)
+    path = write_config(project, tmp_path / "out", _user_model_body("no_such_user_module"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: model.factory: cannot import 'no_such_user_module:make_model'" in err
+    assert "No module named 'no_such_user_module'" in err
+    assert f"looked in {project} (the config file's folder) and on sys.path (" in err
+    assert str(Path(torch.__file__).parents[1]) in err  # site-packages, one of sys.path's entries
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_a_missing_factory_callable_suggests_a_near_name(tmp_path: Path, module_name: str) -> None:
+    project = tmp_path / "project"
+    _user_model_folder(project, module_name)
+    body = _user_model_body(module_name).replace(":make_model", ":make_modle")
+    with pytest.raises(
+        ValueError, match=rf"{module_name}.py\) has no attribute 'make_modle'; did you mean 'make_model'\?"
+    ):
+        load_config(write_config(project, tmp_path / "out", body))
+
+
+def test_a_factory_whose_own_import_fails_says_which_import(tmp_path: Path, module_name: str) -> None:
+    project = tmp_path / "project"
+    _user_model_folder(project, module_name)
+    (project / f"{module_name}.py").write_text("import no_such_dependency_of_the_user\n")
+    with pytest.raises(
+        ValueError,
+        match=rf"importing {module_name} \(.*{module_name}.py\) failed: "
+        r".*No module named 'no_such_dependency_of_the_user'",
+    ):
+        load_config(write_config(project, tmp_path / "out", _user_model_body(module_name)))
+
+
+def test_a_missing_checkpoint_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], module_name: str
+) -> None:
+    project = tmp_path / "project"
+    _user_model_folder(project, module_name)
+    path = write_config(project, tmp_path / "out", _user_model_body(module_name, "nope/w.safetensors"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{path}: model.checkpoint: no file {project / 'nope' / 'w.safetensors'} (a relative checkpoint is "
+        f"taken from the config file's folder, {project})"
+    ) in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_refuses_another_schema_and_damaged_results(finished: run.RunResult, tmp_path: Path) -> None:
