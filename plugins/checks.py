@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 
 def check_inputs(x: object, bounds: tuple[float, float], *, name: str = "x") -> torch.Tensor:
@@ -107,3 +110,73 @@ def looks_like_probabilities(outputs: torch.Tensor) -> bool:
         return False
     rows = outputs.detach().double()
     return bool((rows >= 0).all()) and bool(((rows.sum(1) - 1).abs() <= 1e-4).all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parameters: one check each, the message naming the parameter and what was expected. numpy scalars pass as
+# the Python numbers they hold; bools are refused where a number is expected (True is an int in Python).
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int > 0, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0; got {value!r}")
+    return int(value)
+
+
+def natural_int(name: str, value: object) -> int:
+    """``value`` as an int >= 0, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+    return int(value)
+
+
+def integer(name: str, value: object) -> int:
+    """``value`` as an int (a seed, say), or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int; got {value!r}")
+    return int(value)
+
+
+def finite_number(name: str, value: object, *, low: float = -math.inf, low_open: bool = False) -> float:
+    """``value`` as a finite float >= ``low`` (> ``low`` when ``low_open``), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}; got {value!r}")
+    return float(value)
+
+
+def open_fraction(name: str, value: object) -> float:
+    """``value`` as a float in the open interval (0, 1) (a rate, a share), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1); got {value!r}")
+    return float(value)
+
+
+def boolean(name: str, value: object) -> bool:
+    """``value`` if it is a bool, or a ValueError naming ``name`` (0 and 1 are not taken for flags)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool; got {value!r}")
+    return value
+
+
+def one_of(name: str, value: object, choices: Sequence[object]) -> object:
+    """``value`` if it is one of ``choices``, or a ValueError naming ``name`` and listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def module(name: str, value: object) -> nn.Module:
+    """``value`` if it is a torch module, or a TypeError naming ``name``."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module; got {type(value).__name__}")
+    return value
+
+
+def unknown_keys(name: str, given: object, valid: Sequence[str]) -> None:
+    """A TypeError naming the keywords of ``given`` (a mapping) that ``name`` does not take."""
+    unknown = sorted(set(given) - set(valid))  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {unknown} for {name}; valid: {sorted(valid)}")
