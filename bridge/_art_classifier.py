@@ -1,8 +1,11 @@
-"""What every ART adapter reads from a PyTorchClassifier: its bounds and its (mean, std) preprocessing."""
+"""What every ART adapter reads from a PyTorchClassifier: its module, bounds and (mean, std) preprocessing,
+as one :class:`~xaiadv.plugins.model.Classifier`."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from xaiadv.plugins.model import Classifier
 
 from ._common import require
 
@@ -50,3 +53,10 @@ def classifier_preprocessing(
     # as the last axis with that axis (even when it is also as long as the channel axis).
     lead = (1,) * (np.ndim(x) - mean.ndim)
     return mean.reshape(lead + mean.shape), std.reshape(lead + std.shape)
+
+
+def classifier_of(classifier: PyTorchClassifier, x: np.ndarray) -> Classifier:
+    """The plugins' Classifier of an ART PyTorchClassifier, its preprocessing broadcast as ART does on x."""
+    return Classifier(
+        classifier.model, classifier_bounds(classifier), classifier_preprocessing(classifier, x)
+    )

@@ -1,13 +1,14 @@
-"""What every adapter shares: the attack names, the plugin call, and the missing-library error."""
+"""What every adapter shares: the table of attack classes, the plugin call, and the missing-library error."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch import nn
 
 from xaiadv.plugins.attacks import (
     ATTACK_PARAMS,
@@ -18,14 +19,68 @@ from xaiadv.plugins.attacks import (
     make_config,
     run_attack,
 )
+from xaiadv.plugins.model import Classifier
 
-#: Public class name -> plugin pattern name. Every adapter exposes these four classes.
-ATTACK_CLASSES: dict[str, str] = {
-    "LRPFlip": "flip",
-    "LRPMean": "mean",
-    "LRPGrad": "grad",
-    "LRPGradMean": "grad_mean",
-}
+T = TypeVar("T", bound=type)
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One public attack class: its name, the plugin pattern it runs, and what it does (for docstrings)."""
+
+    name: str
+    pattern: str
+    summary: str
+    note: str = ""
+
+
+#: The four attack classes every adapter exposes, in one place.
+ATTACK_TABLE: tuple[AttackEntry, ...] = (
+    AttackEntry(
+        "LRPFlip",
+        "flip",
+        "LRP-flip / batch-flip (thesis Algorithms 3-5): reflects the most relevant values about the bounds' "
+        "midpoint",
+    ),
+    AttackEntry(
+        "LRPMean",
+        "mean",
+        "LRP-mean (thesis Algorithm 6): moves the most relevant values to their channel mean",
+    ),
+    AttackEntry(
+        "LRPGrad",
+        "grad",
+        "LRP-grad (thesis Algorithm 7): IFGSM steps on the most relevant values",
+        "With n_batch=1.0 (every value) it is IFGSM: ART's BasicIterativeMethod without projection.",
+    ),
+    AttackEntry(
+        "LRPGradMean",
+        "grad_mean",
+        "LRP-grad+mean (thesis 5.2.1): LRP-grad, with LRP-mean where a sample's gradient vanishes",
+    ),
+)
+#: Public class name -> plugin pattern name.
+ATTACK_CLASSES: dict[str, str] = {entry.name: entry.pattern for entry in ATTACK_TABLE}
+
+
+def attack_classes(
+    base: T, library: str, *, hidden: Sequence[str] = (), own: Sequence[str] = ()
+) -> tuple[T, ...]:
+    """The adapter's four classes from :data:`ATTACK_TABLE`: subclasses of ``base`` naming their pattern,
+    with docstrings built from the pattern's parameters (less ``hidden``, which the library decides
+    elsewhere, plus the adapter's ``own``), in the table's order."""
+    classes = []
+    for entry in ATTACK_TABLE:
+        targeting = "targeted or not" if PATTERNS[entry.pattern].supports_targeted else "untargeted"
+        parameters = [name for name in attack_params(entry.pattern) if name not in hidden] + list(own)
+        doc = f"{entry.summary}; {library}, {targeting}.\n\nParameters: {', '.join(parameters)}."
+        if entry.note:
+            doc += f" {entry.note}"
+        namespace = {"pattern": entry.pattern, "__doc__": doc, "__module__": base.__module__}
+        cls = type(entry.name, (base,), namespace)
+        cls.__qualname__ = entry.name
+        classes.append(cls)
+    return tuple(classes)
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -49,19 +104,10 @@ def build_config(pattern_name: str, params: dict[str, Any]) -> AttackConfig:
 
 
 def run_plugin(
-    pattern_name: str,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: Any,
-    *,
-    bounds: tuple[float, float],
-    preprocessing: Any,
-    config: AttackConfig,
+    pattern_name: str, classifier: Classifier, x: torch.Tensor, y: Any, *, config: AttackConfig
 ) -> AttackResult:
     """Run one plugin attack; inputs are torch tensors on the model's device."""
-    return run_attack(
-        PATTERNS[pattern_name](), model, x, y, bounds=bounds, preprocessing=preprocessing, config=config
-    )
+    return run_attack(PATTERNS[pattern_name](), classifier, x, y, config=config)
 
 
 def concat_results(results: list[AttackResult], x: torch.Tensor) -> AttackResult:

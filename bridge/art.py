@@ -13,16 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._common import ATTACK_CLASSES, attack_params, build_config, concat_results, require, run_plugin
+from ._common import attack_classes, attack_params, build_config, concat_results, require, run_plugin
 
 require("art", "art")
 from art.attacks.attack import EvasionAttack  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 
+from xaiadv.plugins import checks  # noqa: E402
 from xaiadv.plugins.attacks import AttackConfig, AttackResult  # noqa: E402
 from xaiadv.plugins.checks import check_inputs, check_labels  # noqa: E402
 
-from ._art_classifier import classifier_bounds, classifier_preprocessing  # noqa: E402
+from ._art_classifier import classifier_bounds, classifier_of  # noqa: E402
 
 __all__ = ["LRPFlip", "LRPGrad", "LRPGradMean", "LRPMean"]
 
@@ -33,16 +34,22 @@ class _ARTLRPAttack(EvasionAttack):
     pattern: ClassVar[str]
     _estimator_requirements = (PyTorchClassifier,)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """ART's ``attack_params`` of each attack class: ART's own, the pattern's, batch_size, verbose."""
+        super().__init_subclass__(**kwargs)
+        cls.attack_params = [
+            *EvasionAttack.attack_params,
+            *attack_params(cls.pattern),
+            "batch_size",
+            "verbose",
+        ]
+
     def __init__(
         self, classifier: PyTorchClassifier, *, batch_size: int = 128, verbose: bool = False, **params: Any
     ) -> None:
         super().__init__(estimator=classifier)
         defaults = attack_params(self.pattern)
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise TypeError(
-                f"unknown parameter(s) {unknown} for {type(self).__name__}; valid: {sorted(defaults)}"
-            )
+        checks.unknown_keys(type(self).__name__, params, list(defaults))
         for key, value in {**defaults, **params}.items():
             setattr(self, key, value)
         self.batch_size = batch_size
@@ -53,10 +60,8 @@ class _ARTLRPAttack(EvasionAttack):
     def _check_params(self) -> None:
         """One validator: the plugin config checks the attack parameters, this the adapter's own."""
         super()._check_params()
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be an int > 0; got {self.batch_size!r}")
-        if not isinstance(self.verbose, bool):
-            raise ValueError(f"verbose must be a bool; got {self.verbose!r}")
+        checks.positive_int("batch_size", self.batch_size)
+        checks.boolean("verbose", self.verbose)
         classifier_bounds(self.estimator)
         self._config: AttackConfig = build_config(self.pattern, self._plugin_params())
 
@@ -82,9 +87,8 @@ class _ARTLRPAttack(EvasionAttack):
         if kwargs:
             raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(kwargs)}")
         classifier = self.estimator
-        bounds = classifier_bounds(classifier)
-        x_tensor, y_tensor = self._checked_inputs(x, y, bounds)
-        preprocessing = classifier_preprocessing(classifier, x)
+        x_tensor, y_tensor = self._checked_inputs(x, y, classifier_bounds(classifier))
+        model = classifier_of(classifier, x)
         results = []
         starts = range(0, x_tensor.shape[0], self.batch_size)
         for start in tqdm(starts, desc=type(self).__name__, disable=not self.verbose):
@@ -92,11 +96,9 @@ class _ARTLRPAttack(EvasionAttack):
             results.append(
                 run_plugin(
                     self.pattern,
-                    classifier.model,
+                    model,
                     x_tensor[start:stop],
                     None if y_tensor is None else y_tensor[start:stop],
-                    bounds=bounds,
-                    preprocessing=preprocessing,
                     config=self._config,
                 )
             )
@@ -123,52 +125,9 @@ class _ARTLRPAttack(EvasionAttack):
         return x_tensor.to(classifier.device), labels
 
 
-def _params(pattern: str) -> list[str]:
-    return [*EvasionAttack.attack_params, *attack_params(pattern), "batch_size", "verbose"]
-
-
-class LRPFlip(_ARTLRPAttack):
-    """LRP-flip / batch-flip (thesis Algorithms 3-5) as an ART evasion attack; untargeted.
-
-    Parameters: n_batch, max_iter, early_stop, composite, relevance_every, flip_back, trace, canonizers,
-    batch_size, verbose.
-    """
-
-    pattern = ATTACK_CLASSES["LRPFlip"]
-    attack_params = _params(pattern)
-
-
-class LRPMean(_ARTLRPAttack):
-    """LRP-mean (thesis Algorithm 6) as an ART evasion attack; untargeted.
-
-    Parameters: eps, n_batch, max_iter, early_stop, composite, relevance_every, trace, canonizers, batch_size,
-    verbose.
-    """
-
-    pattern = ATTACK_CLASSES["LRPMean"]
-    attack_params = _params(pattern)
-
-
-class LRPGrad(_ARTLRPAttack):
-    """LRP-grad (thesis Algorithm 7) as an ART evasion attack; targeted or not.
-
-    Parameters: eps, n_batch, max_iter, early_stop, composite, targeted, relevance_every, momentum, trace,
-    canonizers, batch_size, verbose. With n_batch=1.0 (all values) it is ART's BasicIterativeMethod without
-    projection.
-    """
-
-    pattern = ATTACK_CLASSES["LRPGrad"]
-    attack_params = _params(pattern)
-
-
-class LRPGradMean(_ARTLRPAttack):
-    """LRP-grad+mean (thesis 5.2.1) as an ART evasion attack: LRP-mean where a sample's gradient vanishes.
-
-    Parameters: as LRPGrad.
-    """
-
-    pattern = ATTACK_CLASSES["LRPGradMean"]
-    attack_params = _params(pattern)
+LRPFlip, LRPMean, LRPGrad, LRPGradMean = attack_classes(
+    _ARTLRPAttack, "an ART evasion attack", own=("batch_size", "verbose")
+)
 
 
 # The ART detectors live in their own module; users import them from here, as the design names them.

@@ -17,9 +17,10 @@ from torch import nn
 
 from xaiadv.plugins.checks import check_inputs
 from xaiadv.plugins.features import model_dtype
+from xaiadv.plugins.model import Classifier
 from xaiadv.plugins.modes import eval_mode
 
-from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
+from ._common import attack_classes, attack_params, build_config, require, run_plugin
 
 require("foolbox", "foolbox")
 
@@ -102,14 +103,13 @@ class LRPAttack(MinimizationAttack):
         targeted, classes = _classes(get_criterion(criterion), len(x))
         if not isinstance(x.raw, torch.Tensor):
             raise TypeError(f"inputs must be PyTorch tensors (a fb.PyTorchModel); got {type(x.raw).__name__}")
-        result = run_plugin(
-            self.pattern,
+        classifier = Classifier(
             self.model if self.model is not None else module_of(model),
-            x.raw,
-            classes.raw,
-            bounds=(float(model.bounds[0]), float(model.bounds[1])),
-            preprocessing=preprocessing_of(model, x.ndim),
-            config=replace(self.config, targeted=targeted),
+            (float(model.bounds[0]), float(model.bounds[1])),
+            preprocessing_of(model, x.ndim),
+        )
+        result = run_plugin(
+            self.pattern, classifier, x.raw, classes.raw, config=replace(self.config, targeted=targeted)
         )
         return restore_type(ep.astensor(result.x_adv))
 
@@ -218,28 +218,6 @@ def _channel_values(value: ep.Tensor | None, default: float, ndim: int, name: st
     return tensor.flatten()
 
 
-class LRPFlip(LRPAttack):
-    """LRP-flip (thesis Algorithms 3-5) in Foolbox: reflects the most relevant values. Untargeted only."""
-
-    pattern = ATTACK_CLASSES["LRPFlip"]
-
-
-class LRPMean(LRPAttack):
-    """LRP-mean (thesis Algorithm 6) in Foolbox: moves the most relevant values to their channel mean.
-    Untargeted only."""
-
-    pattern = ATTACK_CLASSES["LRPMean"]
-
-
-class LRPGrad(LRPAttack):
-    """LRP-grad (thesis Algorithm 7) in Foolbox: IFGSM steps on the most relevant values; takes
-    TargetedMisclassification."""
-
-    pattern = ATTACK_CLASSES["LRPGrad"]
-
-
-class LRPGradMean(LRPAttack):
-    """LRP-grad+mean (thesis 5.2.1) in Foolbox: LRP-grad, with LRP-mean where the gradient vanishes; takes
-    TargetedMisclassification."""
-
-    pattern = ATTACK_CLASSES["LRPGradMean"]
+LRPFlip, LRPMean, LRPGrad, LRPGradMean = attack_classes(
+    LRPAttack, "a Foolbox MinimizationAttack", hidden=_NOT_PARAMETERS, own=("distance", "model")
+)

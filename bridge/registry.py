@@ -15,10 +15,10 @@ import difflib
 import importlib.util
 import inspect
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from xaiadv.plugins.attacks import AttackResult
 from xaiadv.plugins.checks import check_bounds
+from xaiadv.plugins.model import Classifier
 from xaiadv.plugins.modes import modes_restored
 
 from ._common import ATTACK_CLASSES, attack_params, build_config, run_plugin
@@ -38,6 +39,49 @@ SOURCES = ("xaiadv", "art", "foolbox", "torchattacks")
 ART_EXCLUDED = frozenset({"OverloadPyTorch", "SNAL"})
 #: Foolbox takes the budget at call time, not in the constructor; the registry takes it among the params.
 FOOLBOX_CALL_PARAMS = ("epsilons",)
+
+
+T = TypeVar("T")
+
+
+class Registry(Mapping[str, Any]):
+    """Names (``source:Name``) to what they build, filled by the :meth:`register` decorator.
+
+    ``detectors`` (here) holds every detector a run config can name; the evaluation's study registry is
+    another instance. Registering a name twice is an error, so two definitions cannot shadow each other.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@detectors.register("xaiadv:KNNDetector")`` above a class or factory."""
+        if name.count(":") != 1 or not all(name.partition(":")[::2]):
+            raise ValueError(f"name: expected 'source:Name', got {name!r}")
+
+        def add(entry: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = entry
+            return entry
+
+        return add
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: Every detector a run can name: ours (``bridge/art_detectors.py``) and ART's peers (the evaluation's).
+detectors = Registry("detector")
 
 
 @dataclass
@@ -173,9 +217,10 @@ def _build_xaiadv(
 ) -> BuiltAttack:
     pattern = XAIADV_ATTACKS[name]
     config = build_config(pattern, params)
+    classifier = Classifier(model, bounds, preprocessing)
 
     def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        result = run_plugin(pattern, model, x, y, bounds=bounds, preprocessing=preprocessing, config=config)
+        result = run_plugin(pattern, classifier, x, y, config=config)
         built.last_result = result
         return result.x_adv
 

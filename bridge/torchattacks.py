@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from xaiadv.plugins import checks
 from xaiadv.plugins.attacks import PATTERNS
+from xaiadv.plugins.model import Classifier
 from xaiadv.plugins.modes import modes_restored
 
-from ._common import ATTACK_CLASSES, attack_params, build_config, require, run_plugin
+from ._common import ATTACK_CLASSES, attack_classes, attack_params, build_config, require, run_plugin
 
 require("torchattacks", "torchattacks")
 
@@ -41,8 +43,7 @@ class LRPAttack(Attack):
     pattern: ClassVar[str]
 
     def __init__(self, model: nn.Module, **params: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        checks.module("model", model)
         refused = sorted(set(params) & set(_NOT_PARAMETERS))
         if refused:
             raise TypeError(f"{refused}: torchattacks targets with set_mode_targeted_* and returns no trace")
@@ -67,15 +68,8 @@ class LRPAttack(Attack):
         if labels is not None:
             labels = labels.to(images.device)
         y = self.get_target_label(images, labels) if self.targeted else labels
-        result = run_plugin(
-            self.pattern,
-            self.model,
-            images,
-            y,
-            bounds=(0.0, 1.0),
-            preprocessing=self._preprocessing(),
-            config=config,
-        )
+        classifier = Classifier(self.model, (0.0, 1.0), self._preprocessing())
+        result = run_plugin(self.pattern, classifier, images, y, config=config)
         return result.x_adv
 
     def _preprocessing(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -121,27 +115,6 @@ class LRPAttack(Attack):
         super().set_model_training_mode(model_training, batchnorm_training, dropout_training)
 
 
-class LRPFlip(LRPAttack):
-    """LRP-flip (thesis Algorithms 3-5) in torchattacks: reflects the most relevant values; untargeted."""
-
-    pattern = ATTACK_CLASSES["LRPFlip"]
-
-
-class LRPMean(LRPAttack):
-    """LRP-mean (thesis Algorithm 6) in torchattacks: moves the most relevant values to their channel mean.
-    Untargeted only."""
-
-    pattern = ATTACK_CLASSES["LRPMean"]
-
-
-class LRPGrad(LRPAttack):
-    """LRP-grad (thesis Algorithm 7) in torchattacks: IFGSM steps on the most relevant values; targetable."""
-
-    pattern = ATTACK_CLASSES["LRPGrad"]
-
-
-class LRPGradMean(LRPAttack):
-    """LRP-grad+mean (thesis 5.2.1) in torchattacks: LRP-grad, with LRP-mean where the gradient vanishes;
-    targeted modes."""
-
-    pattern = ATTACK_CLASSES["LRPGradMean"]
+LRPFlip, LRPMean, LRPGrad, LRPGradMean = attack_classes(
+    LRPAttack, "a torchattacks Attack", hidden=_NOT_PARAMETERS
+)

@@ -27,7 +27,8 @@ from zennit.canonizers import Canonizer
 from zennit.core import Composite
 
 from .canonize import forward_errors_named
-from .checks import check_bounds, check_inputs, check_labels, looks_like_probabilities
+from .checks import check_inputs, check_labels, looks_like_probabilities
+from .model import Classifier
 from .relevance import DEFAULT_COMPOSITE, Relevance, check_canonizers, check_composite
 
 PROBABILITY_WARNING = (
@@ -478,30 +479,30 @@ def check_target_support(pattern: Pattern | type[Pattern], targeted: bool) -> No
 
 def run_attack(
     pattern: Pattern,
-    model: nn.Module,
+    model: nn.Module | Classifier,
     x: torch.Tensor,
     y: Any = None,
     *,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    bounds: tuple[float, float] | None = None,
     preprocessing: Any = None,
     config: AttackConfig | None = None,
 ) -> AttackResult:
     """Thesis Algorithm 2 for any pattern: per iteration, one forward, the loss gradient (hooks inactive) and
     the relevance (hooks active) from it, then x~ <- clip(pattern step), with per-sample early stop.
 
-    x: raw inputs (N, ...) within ``bounds``; y: labels (targets when ``config.targeted``), None = the
-    model's predictions (untargeted only); preprocessing: (mean, std) applied before the model.
+    model: a :class:`Classifier`, or a plain module wrapped with ``bounds`` (default (0, 1)) and
+    ``preprocessing`` (mean, std) applied before it; x: raw inputs (N, ...) within the bounds; y: labels
+    (targets when ``config.targeted``), None = the model's predictions (untargeted only).
     """
     config = config or AttackConfig()
-    low, high = check_bounds(bounds)
+    classifier = Classifier.wrap(model, bounds=bounds, preprocessing=preprocessing)
+    low, high = classifier.bounds
     x = check_inputs(x, (low, high))
     check_target_support(pattern, config.targeted)
     if config.targeted and y is None:
         raise ValueError("targeted attacks need y: the target class of each sample")
     if y is not None:  # all but the class count, which the first forward tells
         check_labels(y, x.shape[0], None, x.device)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     input_size = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
     n_batch = config.batch_count(input_size)
     # Selecting every value needs no ranking: n_batch = all leaves relevance zero and its pass unrun
@@ -509,9 +510,7 @@ def run_attack(
     uses_relevance = pattern.needs_relevance and n_batch < input_size
     composite = config.composite if uses_relevance else Composite()  # no hooks, no BatchNorm merge
     canonizers = config.canonizers if uses_relevance else None
-    relevance = Relevance(
-        model, composite, canonizers=canonizers, preprocessing=preprocessing, bounds=(low, high)
-    )
+    relevance = Relevance(classifier, composite, canonizers=canonizers)
     if x.shape[0] == 0:
         return _empty_result(x, config)
     x_orig = x.detach().clamp(low, high)  # a copy; absorbs the rounding check_inputs tolerates
@@ -643,7 +642,7 @@ def _result(
     """The final forward's success (or the early stop's), and the trace's last row."""
     relevance, config = call.relevance, call.config
     with torch.no_grad():
-        final_logits = relevance.model(relevance.normalize(x_adv).to(relevance.param_dtype))
+        final_logits = relevance.classifier.logits(x_adv)
     final_success = _is_success(final_logits, labels, config.targeted)
     if config.early_stop:
         final_success |= progress.succeeded
@@ -689,11 +688,11 @@ def _functional(pattern_name: str, defaults: dict[str, Any]) -> AttackFn:
     pattern_cls = PATTERNS[pattern_name]
 
     def attack(
-        model: nn.Module,
+        model: nn.Module | Classifier,
         x: torch.Tensor,
         y: Any = None,
         *,
-        bounds: tuple[float, float] = (0.0, 1.0),
+        bounds: tuple[float, float] | None = None,
         preprocessing: Any = None,
         **params: Any,
     ) -> AttackResult:

@@ -76,6 +76,11 @@ class Classifier:
         mean, std = self._shaped_for(x)
         return (x - mean.to(x.dtype)) / std.to(x.dtype)
 
+    def std_for(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The std shaped to broadcast over ``like`` (None without preprocessing): a gradient w.r.t. the
+        normalized input divided by it is the gradient w.r.t. the raw input (chain rule)."""
+        return None if self.preprocessing is None else self._shaped_for(like)[1]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The module's output on raw ``x`` (normalized, cast to the module's dtype); one tensor, checked."""
         output = self.module(self.normalize(x).to(self.dtype))

@@ -35,8 +35,8 @@ from .canonize import (
     forward_errors_named,
     model_restored,
 )
-from .features import model_dtype
 from .graph import ModuleNodes, inspect_graph, module_nodes
+from .model import Classifier
 from .modes import eval_mode
 from .rules import FAST_COMPOSITES
 
@@ -184,9 +184,10 @@ class Relevance:
 
     ``Relevance(model, composite="epsilon_plus_flat")(x, target)`` returns a tensor shaped like ``x``.
     The model is put in eval mode for the work and restored after; hooks and canonizers are removed
-    even after an exception. ``preprocessing=(mean, std)`` is applied before the model and relevance
-    is attributed to the normalized input, mapped back element-wise. ``bounds`` are the raw inputs'
-    range (the box of ``epsilon_gamma_box``). ``fast_rules=False`` uses Zennit's stock rules.
+    even after an exception. ``model`` is a :class:`Classifier`, or a plain module wrapped with ``bounds``
+    (default (0, 1), the raw inputs' range: the box of ``epsilon_gamma_box``) and ``preprocessing=(mean,
+    std)``, applied before the model; relevance is attributed to the normalized input, mapped back
+    element-wise. ``fast_rules=False`` uses Zennit's stock rules.
 
     The first forward of each attached context inspects its autograd graph (:func:`inspect_graph`). An
     elementwise Add/Sub/Mul merging two input-dependent branches outside a module (a hand-written residual)
@@ -201,33 +202,30 @@ class Relevance:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Classifier,
         composite: str | Composite = DEFAULT_COMPOSITE,
         *,
         canonizers: Sequence[Canonizer] | None = None,
         preprocessing: object = None,
-        bounds: tuple[float, float] = (0.0, 1.0),
+        bounds: tuple[float, float] | None = None,
         fast_rules: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.classifier = Classifier.wrap(model, bounds=bounds, preprocessing=preprocessing)
         check_composite(composite)
         if canonizers is not None and isinstance(composite, Composite):
             raise ValueError(
                 "canonizers= applies to named composites; build your Composite with canonizers=[...]"
             )
-        self.model = model
+        self.model = self.classifier.module
         self.composite = composite
         #: The caller's canonizers (a Composite's own); None: chosen by data flow when attached.
         self.canonizers = list(composite.canonizers) if isinstance(composite, Composite) else canonizers
         if self.canonizers is not None:
             check_canonizers(self.canonizers)
-        self.preprocessing = preprocessing
-        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.bounds = self.classifier.bounds
         self.fast_rules = fast_rules
         self._active: Composite | None = None
         self._graph_unchecked = False
-        self._norm: Preprocessing = None
         self._check_activation_modules()
 
     def _check_activation_modules(self) -> None:
@@ -297,15 +295,12 @@ class Relevance:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map raw inputs to the model's input space (identity without preprocessing)."""
-        if self._norm is None:
-            return x
-        mean, std = self._norm
-        return (x - mean.to(x.dtype)) / std.to(x.dtype)
+        return self.classifier.normalize(x)
 
     @property
     def param_dtype(self) -> torch.dtype:
         """The model's floating dtype (float32 when it has no parameters)."""
-        return model_dtype(self.model)
+        return self.classifier.dtype
 
     @contextmanager
     def attached(self, like: torch.Tensor) -> Iterator[Relevance]:
@@ -320,9 +315,8 @@ class Relevance:
             yield self
             return
         _check_device(self.model, like)
-        self._norm = as_preprocessing(self.preprocessing, like)
-        low, high = (
-            torch.full((1,), bound, dtype=torch.float64, device=like.device) for bound in self.bounds
+        low, high = (  # one sample's shape, so that any preprocessing the batch takes broadcasts over it
+            torch.full_like(like[:1], bound, dtype=torch.float64) for bound in self.bounds
         )
         box = (self.normalize(low).to(self.param_dtype), self.normalize(high).to(self.param_dtype))
         with eval_mode(self.model), model_restored(self.model):
@@ -391,9 +385,8 @@ class Relevance:
         composite = self._require_attached()
         with composite.inactive():
             (grad,) = torch.autograd.grad(loss, z, retain_graph=retain_graph)
-        if self._norm is not None:
-            grad = grad / self._norm[1].to(grad.dtype)
-        return grad
+        std = self.classifier.std_for(grad)
+        return grad if std is None else grad / std.to(grad.dtype)
 
     def relevance(
         self, z: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, *, scale_by_logit: bool = False
