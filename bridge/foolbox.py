@@ -66,24 +66,20 @@ class LRPAttack(MinimizationAttack):
     def distance(self) -> Distance:
         return self._distance
 
-    def __call__(  # type: ignore[misc]  # Foolbox marks it @final; we check first, then delegate
+    def __call__(  # type: ignore[misc]  # Foolbox marks it @final; wrapped for the two reasons below
         self, model: Model, inputs: T, criterion: Any, *, epsilons: Any, **kwargs: Any
     ) -> Any:
-        """Foolbox's call, with what Foolbox lacks around it: NaN, Inf or out-of-bounds inputs get an error
-        naming them (Foolbox's bound check is a bare assert); inputs whose dtype differs from the torch
-        module's are refused before the attack runs (Foolbox's success check would fail after it); an empty
-        batch returns empty results without calling the model; and the module stays in eval mode for the
-        whole call, restored after, so Foolbox's success check judges what the attack saw and cannot update
-        a train-mode BatchNorm's running statistics."""
+        """Foolbox's call, wrapped only where ``run`` cannot help. Its bound check, a bare assert before
+        ``run``, becomes an error naming NaN, Inf or out-of-bounds inputs, and an empty batch (on which that
+        check fails) returns empty results; its success check, a model call after ``run``, runs in eval
+        mode like the attack (a train-mode BatchNorm keeps its statistics)."""
         x, restore_type = ep.astensor_(inputs)
         if not isinstance(x.raw, torch.Tensor):  # run() refuses it, naming the type
             return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
         check_inputs(x.raw, (float(model.bounds[0]), float(model.bounds[1])), name="inputs")
-        module = self.model if self.model is not None else module_of(model)
-        _check_dtype(module, x.raw)
         if len(x.raw) == 0:
             return _empty_outputs(x.raw, epsilons, restore_type)
-        with eval_mode(module):
+        with eval_mode(self._module(model)):
             return super().__call__(model, inputs, criterion, epsilons=epsilons, **kwargs)
 
     def run(
@@ -95,23 +91,28 @@ class LRPAttack(MinimizationAttack):
         early_stop: float | None = None,
         **kwargs: Any,
     ) -> T:
-        """The adversarial of each input; Foolbox's ``early_stop`` (a distance) is not needed, as every
-        sample already stops at its first success when the ``early_stop`` parameter is True."""
+        """The adversarial of each input (Foolbox's hook, where the work is done); Foolbox's ``early_stop``
+        (a distance) is not needed, as every sample already stops at its first success when the
+        ``early_stop`` parameter is True. Inputs whose dtype differs from the module's are refused before
+        the attack runs (Foolbox's success check would fail after it)."""
         raise_if_kwargs(kwargs)
         del early_stop
         x, restore_type = ep.astensor_(inputs)
         targeted, classes = _classes(get_criterion(criterion), len(x))
         if not isinstance(x.raw, torch.Tensor):
             raise TypeError(f"inputs must be PyTorch tensors (a fb.PyTorchModel); got {type(x.raw).__name__}")
+        module = self._module(model)
+        _check_dtype(module, x.raw)
         classifier = Classifier(
-            self.model if self.model is not None else module_of(model),
-            (float(model.bounds[0]), float(model.bounds[1])),
-            preprocessing_of(model, x.ndim),
+            module, (float(model.bounds[0]), float(model.bounds[1])), preprocessing_of(model, x.ndim)
         )
         result = run_plugin(
             self.pattern, classifier, x.raw, classes.raw, config=replace(self.config, targeted=targeted)
         )
         return restore_type(ep.astensor(result.x_adv))
+
+    def _module(self, fmodel: Model) -> nn.Module:
+        return self.model if self.model is not None else module_of(fmodel)
 
     def __repr__(self) -> str:
         names = [name for name in attack_params(self.pattern) if name not in _NOT_PARAMETERS]
@@ -175,7 +176,11 @@ def _classes(criterion: Any, n_samples: int) -> tuple[bool, ep.Tensor]:
 
 
 def module_of(fmodel: Model) -> nn.Module:
-    """The torch module inside a ``fb.PyTorchModel``, kept only in the closure of its call function."""
+    """The torch module inside a ``fb.PyTorchModel``, kept only in the closure of its call function.
+
+    Foolbox 3 keeps no public reference to it; ``model=`` on the attack is the public way, this the
+    convenience when it is left out (the fmodel's preprocessing is read from ``_preprocess_args`` alike).
+    """
     call = getattr(fmodel, "_model", None) if isinstance(fmodel, ModelWithPreprocessing) else None
     for cell in getattr(call, "__closure__", None) or ():
         if isinstance(cell.cell_contents, nn.Module):
