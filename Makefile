@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[all,dev]'
+	$(BIN)/pip install -e '.[all,dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import tomllib
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,23 @@ def test_bridge_without_library_names_the_extra(
     monkeypatch.setitem(sys.modules, library, None)  # makes `import <library>` raise ImportError
     with pytest.raises(ImportError, match=rf"pip install 'xaiadv\[{adapter}\]'"):
         importlib.import_module(f"xaiadv.bridge.{adapter}")
+
+
+def test_static_tools_resolve_the_package_by_path_from_the_repository_root() -> None:
+    """What IDEs and type checkers do with the path make's editable install (``editable_mode=compat``)
+    writes into a .pth file: find ``xaiadv.<layer>`` by folders from the root, through ``xaiadv/<layer>``
+    links to the top-level layers, to the very files the package runs."""
+    assert "editable_mode=compat" in (ROOT / "Makefile").read_text()
+    package = PathFinder.find_spec("xaiadv", [str(ROOT)])
+    assert package is not None and package.submodule_search_locations
+    for layer, module in (("plugins", "model"), ("bridge", "registry"), ("evaluation", "cli")):
+        link = ROOT / "xaiadv" / layer
+        assert link.is_symlink() and link.resolve() == (ROOT / layer).resolve()
+        found = PathFinder.find_spec(layer, list(package.submodule_search_locations))
+        assert found is not None and found.submodule_search_locations
+        leaf = PathFinder.find_spec(module, list(found.submodule_search_locations))
+        assert (
+            leaf is not None and Path(str(leaf.origin)).resolve() == (ROOT / layer / f"{module}.py").resolve()
+        )
+        imported = importlib.import_module(f"xaiadv.{layer}.{module}")
+        assert Path(str(imported.__file__)).resolve() == (ROOT / layer / f"{module}.py").resolve()
