@@ -563,20 +563,20 @@ class _Progress:
     """Per-sample bookkeeping: which samples are still attacked, which succeeded, after how many steps."""
 
     def __init__(self, n_samples: int, max_iter: int, device: torch.device) -> None:
-        self.active = torch.ones(n_samples, dtype=torch.bool, device=device)
+        self.running = torch.ones(n_samples, dtype=torch.bool, device=device)
         self.succeeded = torch.zeros(n_samples, dtype=torch.bool, device=device)
         self.iterations = torch.full((n_samples,), max_iter, dtype=torch.long, device=device)
 
-    def rows(self) -> torch.Tensor | slice:
-        """Index of the active samples: a slice (views, no copies) while all are active, else indices."""
-        if bool(self.active.all()):
+    def active(self) -> torch.Tensor | slice:
+        """Index of the samples still attacked: a slice (views, no copies) while all are, else indices."""
+        if bool(self.running.all()):
             return slice(None)
-        return self.active.nonzero().squeeze(1)
+        return self.running.nonzero().squeeze(1)
 
-    def stop(self, rows: torch.Tensor | slice, success: torch.Tensor, iteration: int) -> None:
+    def finish(self, rows: torch.Tensor | slice, success: torch.Tensor, iteration: int) -> None:
         """Samples ``rows[success]`` succeeded after ``iteration`` steps and leave the attack."""
-        finished = torch.arange(len(self.active), device=self.active.device)[rows][success]
-        self.succeeded[finished], self.active[finished], self.iterations[finished] = True, False, iteration
+        finished = torch.arange(len(self.running), device=self.running.device)[rows][success]
+        self.succeeded[finished], self.running[finished], self.iterations[finished] = True, False, iteration
 
 
 def _iterate(call: _Call, x_orig: torch.Tensor, y: Any) -> AttackResult:
@@ -595,7 +595,7 @@ def _iterate(call: _Call, x_orig: torch.Tensor, y: Any) -> AttackResult:
     stored_relevance = torch.zeros_like(x_orig) if pattern.needs_relevance else None
     tracer = _Tracer(config.max_iter + 1, len(x_orig), x_orig.device) if config.trace else None
     for iteration in range(config.max_iter):
-        rows = progress.rows()
+        rows = progress.active()
         if iteration:
             z, logits = relevance.forward(x_adv[rows])
         success = _is_success(logits.detach(), labels[rows], config.targeted)
@@ -604,7 +604,7 @@ def _iterate(call: _Call, x_orig: torch.Tensor, y: Any) -> AttackResult:
             tracer.write(iteration)
         keep: torch.Tensor | slice = slice(None)
         if config.early_stop and bool(success.any()):
-            progress.stop(rows, success, iteration)
+            progress.finish(rows, success, iteration)
             if bool(success.all()):
                 break
             keep = ~success
@@ -616,7 +616,7 @@ def _iterate(call: _Call, x_orig: torch.Tensor, y: Any) -> AttackResult:
         if needs_relevance:
             stored_relevance[rows] = relevance.relevance(z, logits, original[rows]).to(x_orig.dtype)
         del z, logits
-        step_rows = rows if isinstance(keep, slice) else progress.rows()
+        step_rows = rows if isinstance(keep, slice) else progress.active()
         state = StepState(
             x_adv=x_adv[step_rows],
             x_orig=x_orig[step_rows],
@@ -647,13 +647,13 @@ def _result(
     if config.early_stop:
         final_success |= progress.succeeded
     if tracer is not None:
-        active = progress.active
+        running = progress.running
         tracer.update(
-            progress.rows(),
-            final_logits[active],
-            original[active],
-            final_success[active],
-            (x_adv - x_orig)[active],
+            progress.active(),
+            final_logits[running],
+            original[running],
+            final_success[running],
+            (x_adv - x_orig)[running],
         )
         tracer.write(config.max_iter)
     return AttackResult(
