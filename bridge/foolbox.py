@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from xaiadv.plugins import checks
 from xaiadv.plugins.checks import check_inputs
 from xaiadv.plugins.features import model_dtype
 from xaiadv.plugins.model import Classifier
@@ -56,8 +57,8 @@ class LRPAttack(MinimizationAttack):
             raise TypeError(
                 f"{refused}: in Foolbox the criterion chooses targeting, and no trace is returned"
             )
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None; got {type(model).__name__}")
+        if model is not None:
+            checks.module("model", model)
         self.config = build_config(self.pattern, params)
         self._distance = _as_distance(distance)
         self.model = model

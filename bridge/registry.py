@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiadv.plugins import checks
 from xaiadv.plugins.attacks import AttackResult
 from xaiadv.plugins.checks import check_bounds
 from xaiadv.plugins.model import Classifier
@@ -200,8 +201,7 @@ def build_attack(
     valid = available_attacks()
     if name not in valid:
         raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(valid)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    checks.module("model", model)
     bounds = check_bounds(bounds)
     builder = {
         "xaiadv": _build_xaiadv,

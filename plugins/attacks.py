@@ -26,6 +26,7 @@ from torch import nn
 from zennit.canonizers import Canonizer
 from zennit.core import Composite
 
+from . import checks
 from .canonize import forward_errors_named
 from .checks import check_inputs, check_labels, looks_like_probabilities
 from .model import Classifier
@@ -91,15 +92,13 @@ class AttackConfig:
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0; got {self.eps!r}")
         _check_n_batch(self.n_batch)
-        _check_positive_int("max_iter", self.max_iter)
-        _check_positive_int("relevance_every", self.relevance_every)
+        checks.positive_int("max_iter", self.max_iter)
+        checks.positive_int("relevance_every", self.relevance_every)
         for flag in ("early_stop", "targeted", "flip_back", "trace"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be a bool; got {getattr(self, flag)!r}")
+            checks.boolean(flag, getattr(self, flag))
         if not isinstance(self.momentum, float) or not 0.0 <= self.momentum < math.inf:
             raise ValueError(f"momentum must be a finite number >= 0 (0 = off); got {self.momentum!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int; got {self.seed!r}")
+        checks.integer("seed", self.seed)
         check_composite(self.composite)
         if self.canonizers is not None:
             check_canonizers(self.canonizers)
@@ -132,11 +131,6 @@ class AttackConfig:
         if self.n_batch > input_size:
             raise ValueError(f"n_batch must be at most the input size {input_size}; got {self.n_batch}")
         return self.n_batch
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be an int > 0; got {value!r}")
 
 
 def _check_n_batch(value: object) -> None:
