@@ -26,20 +26,11 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import BatchNorm
 from zennit.types import Linear as LinearLayer
 
+from .checks import as_output
 from .graph import graph_nodes
 
 #: How many samples of the first batch the merge probe and the canonizer check run on.
 PROBE_SAMPLES = 32
-
-
-def as_output(output: object) -> torch.Tensor:
-    """The model's output after checking it is one tensor (the logits, for a classifier)."""
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the model must return one tensor (logits shaped (N, classes)); it returned a "
-            f"{type(output).__name__}. Wrap it in a module whose forward returns the logits."
-        )
-    return output
 
 
 @contextmanager

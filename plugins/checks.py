@@ -100,6 +100,16 @@ def _from_one_hot(labels: torch.Tensor, name: str) -> torch.Tensor:
     return labels.argmax(1)
 
 
+def as_output(output: object) -> torch.Tensor:
+    """The model's output after checking it is one tensor (the logits, for a classifier)."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model must return one tensor (logits shaped (N, classes)); it returned a "
+            f"{type(output).__name__}. Wrap it in a module whose forward returns the logits."
+        )
+    return output
+
+
 def looks_like_probabilities(outputs: torch.Tensor) -> bool:
     """True when every output row is non-negative and sums to one: the model ends in a softmax.
 

@@ -83,13 +83,7 @@ class Classifier:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The module's output on raw ``x`` (normalized, cast to the module's dtype); one tensor, checked."""
-        output = self.module(self.normalize(x).to(self.dtype))
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"the model must return one tensor (logits shaped (N, classes)); it returned a "
-                f"{type(output).__name__}. Wrap it in a module whose forward returns the logits."
-            )
-        return output
+        return checks.as_output(self.module(self.normalize(x).to(self.dtype)))
 
     @contextmanager
     def evaluating(self) -> Iterator[Classifier]:

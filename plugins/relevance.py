@@ -29,12 +29,12 @@ from zennit.types import Activation, BatchNorm, Convolution
 
 from .canonize import (
     PROBE_SAMPLES,
-    as_output,
     check_canonized,
     default_canonizers,
     forward_errors_named,
     model_restored,
 )
+from .checks import as_output
 from .graph import ModuleNodes, inspect_graph, module_nodes
 from .model import Classifier
 from .modes import eval_mode
