@@ -277,6 +277,38 @@ def digits_correct(digits: Digits, digits_cnn: nn.Module) -> tuple[torch.Tensor,
     return digits.x_test[correct][:100], digits.y_test[correct][:100]
 
 
+@pytest.fixture(scope="session")
+def digits_unpadded() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A CNN whose first conv is unpadded (so a (mean, std) normalization folds into it exactly), trained
+    on 1400 digits for a few seconds, and 96 held-out digits it classifies correctly. Tests must not train it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        data = load_digits()
+        x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(data.target)
+        net = nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(72, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(15):
+            for batch in torch.randperm(1400).split(64):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+                optimizer.step()
+    net.eval()
+    x_test, y_test = x[1400:], y[1400:]
+    with torch.no_grad():
+        correct = net(x_test).argmax(1) == y_test
+    return net, x_test[correct][:96], y_test[correct][:96]
+
+
 class CountingModel(nn.Module):
     """Wraps a model and counts its forward calls (no hooks, so it cannot disturb the hook checks)."""
 

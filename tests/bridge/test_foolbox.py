@@ -13,7 +13,6 @@ import foolbox as fb
 import pytest
 import torch
 from foolbox.criteria import Misclassification, TargetedMisclassification
-from sklearn.datasets import load_digits
 from torch import nn
 
 from xaiadv.bridge.foolbox import LRPAttack, LRPFlip, LRPGrad, LRPGradMean, LRPMean, module_of
@@ -43,35 +42,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A CNN trained on 1400 digits for a few seconds, and 96 held-out digits it classifies correctly."""
-    torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(72, 32),
-        nn.ReLU(),
-        nn.Linear(32, 10),
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(15):
-        for batch in torch.randperm(1400).split(64):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-            optimizer.step()
-    net.eval()
-    x_test, y_test = x[1400:], y[1400:]
-    with torch.no_grad():
-        correct = net(x_test).argmax(1) == y_test
-    return net, x_test[correct][:96], y_test[correct][:96]
-
-
 def fold_normalization(net: nn.Sequential, mean: float, std: float) -> nn.Sequential:
     """A copy of ``net`` that takes (x - mean) / std and computes what ``net`` does on x (unpadded conv)."""
     folded = copy.deepcopy(net)
@@ -92,8 +62,10 @@ def l_norm(delta: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attack_cls", ATTACKS, ids=lambda cls: cls.__name__)
-def test_clipped_results_lie_within_each_epsilon_and_success_matches_the_model(attack_cls, digits) -> None:
-    net, x, y = digits
+def test_clipped_results_lie_within_each_epsilon_and_success_matches_the_model(
+    attack_cls, digits_unpadded
+) -> None:
+    net, x, y = digits_unpadded
     params, floor = ATTACKS[attack_cls]
     attack = attack_cls(**params)
     raw, clipped, success = attack(
@@ -111,8 +83,8 @@ def test_clipped_results_lie_within_each_epsilon_and_success_matches_the_model(a
     assert int(success[0].sum()) < int(success[-1].sum())
 
 
-def test_l2_distance_clips_in_l2(digits) -> None:
-    net, x, y = digits
+def test_l2_distance_clips_in_l2(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     epsilons = [0.3, 1.0]
     attack = LRPGrad(distance="l2", **GRAD)
     raw, clipped, success = attack(
@@ -125,8 +97,8 @@ def test_l2_distance_clips_in_l2(digits) -> None:
         assert torch.equal(success[k], predictions(net, clipped[k]) != y)
 
 
-def test_single_epsilon_and_eagerpy_inputs_return_their_own_types(digits) -> None:
-    net, x, y = digits
+def test_single_epsilon_and_eagerpy_inputs_return_their_own_types(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     fmodel = fb.PyTorchModel(net, bounds=(0, 1))
     raw, clipped, success = LRPGrad(**GRAD)(fmodel, x, Misclassification(y), epsilons=2.0)
     raw_ep, _, success_ep = LRPGrad(**GRAD)(fmodel, ep.astensor(x), Misclassification(y), epsilons=None)
@@ -137,8 +109,8 @@ def test_single_epsilon_and_eagerpy_inputs_return_their_own_types(digits) -> Non
     assert bool((l_norm(clipped - x, 1) <= 2.0 * (1 + 1e-5)).all())
 
 
-def test_targeted_lrp_grad_reaches_the_targets(digits) -> None:
-    net, x, y = digits
+def test_targeted_lrp_grad_reaches_the_targets(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     target = (y + 1) % 10
     attack = LRPGrad(**GRAD)
     raw, _, success = attack(
@@ -150,22 +122,22 @@ def test_targeted_lrp_grad_reaches_the_targets(digits) -> None:
 
 
 @pytest.mark.parametrize("attack_cls", [LRPFlip, LRPMean], ids=lambda cls: cls.__name__)
-def test_untargeted_attacks_refuse_a_target(attack_cls, digits) -> None:
-    net, x, y = digits
+def test_untargeted_attacks_refuse_a_target(attack_cls, digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     fmodel = fb.PyTorchModel(net, bounds=(0, 1))
     with pytest.raises(ValueError, match="cannot honour a target"):
         attack_cls()(fmodel, x, TargetedMisclassification((y + 1) % 10), epsilons=None)
 
 
-def test_unsupported_criterion_is_refused(digits) -> None:
-    net, x, y = digits
+def test_unsupported_criterion_is_refused(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     criterion = Misclassification(y) & Misclassification(y)
     with pytest.raises(ValueError, match="criterion must be Misclassification"):
         LRPGrad()(fb.PyTorchModel(net, bounds=(0, 1)), x, criterion, epsilons=None)
 
 
-def test_fmodel_preprocessing_is_honoured(digits) -> None:
-    net, x, y = digits
+def test_fmodel_preprocessing_is_honoured(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     folded = fold_normalization(net, MEAN, STD)
     fmodel = fb.PyTorchModel(folded, bounds=(0, 1), preprocessing={"mean": [MEAN], "std": [STD], "axis": -3})
     raw, _, success = LRPGrad(**GRAD)(fmodel, x, Misclassification(y), epsilons=None)
@@ -198,15 +170,15 @@ def test_per_channel_preprocessing_on_three_channels() -> None:
     ],
     ids=["last-axis", "flip"],
 )
-def test_preprocessing_the_plugin_cannot_apply_is_refused(preprocessing, match, digits) -> None:
-    net, x, y = digits
+def test_preprocessing_the_plugin_cannot_apply_is_refused(preprocessing, match, digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     fmodel = fb.PyTorchModel(net, bounds=(0, 1), preprocessing=preprocessing)
     with pytest.raises(ValueError, match=match):
         LRPGrad()(fmodel, x, Misclassification(y), epsilons=None)
 
 
-def test_transformed_bounds_scale_the_attack(digits) -> None:
-    net, x, y = digits
+def test_transformed_bounds_scale_the_attack(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     fmodel = fb.PyTorchModel(net, bounds=(0, 1))
     raw, _, success = LRPGrad(**GRAD)(fmodel, x, Misclassification(y), epsilons=None)
     params = {**GRAD, "eps": GRAD["eps"] * 255}
@@ -217,8 +189,8 @@ def test_transformed_bounds_scale_the_attack(digits) -> None:
     torch.testing.assert_close(raw_255 / 255, raw, atol=1e-4, rtol=0)
 
 
-def test_the_module_is_recovered_from_a_pytorch_model(digits) -> None:
-    net, _, _ = digits
+def test_the_module_is_recovered_from_a_pytorch_model(digits_unpadded) -> None:
+    net, _, _ = digits_unpadded
     assert module_of(fb.PyTorchModel(net, bounds=(0, 1))) is net
 
 
@@ -237,8 +209,8 @@ class CustomModel(fb.models.base.Model):
         return restore_type(ep.astensor(self.net(x.raw)))
 
 
-def test_a_module_that_cannot_be_recovered_needs_model_argument(digits) -> None:
-    net, x, y = digits
+def test_a_module_that_cannot_be_recovered_needs_model_argument(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     with pytest.raises(TypeError, match="pass model="):
         LRPGrad()(CustomModel(net), x, Misclassification(y), epsilons=None)
 
@@ -281,8 +253,8 @@ def test_flip_refuses_parameters_it_does_not_have() -> None:
         LRPFlip(eps=0.1)
 
 
-def test_callers_inputs_and_model_are_unmodified(digits) -> None:
-    net, x, y = digits
+def test_callers_inputs_and_model_are_unmodified(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     x_before, y_before = x.clone(), y.clone()
     weights = {name: value.clone() for name, value in net.state_dict().items()}
     LRPGradMean(**GRAD)(fb.PyTorchModel(net, bounds=(0, 1)), x, Misclassification(y), epsilons=[1.0])
@@ -307,10 +279,10 @@ def _spoiled(x: torch.Tensor, case: str) -> torch.Tensor:
         ("float64", "inputs have dtype torch.float64 but the model's parameters torch.float32"),
     ],
 )
-def test_bad_inputs_get_a_clear_error_before_any_work(case, match, digits, counting_model) -> None:
+def test_bad_inputs_get_a_clear_error_before_any_work(case, match, digits_unpadded, counting_model) -> None:
     """Foolbox's own bound check is a bare assert, and float64 inputs would fail only in its success check
     after the attack: ours name the problem before the model runs."""
-    net, x, y = digits
+    net, x, y = digits_unpadded
     model = counting_model(net).eval()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1))
     with pytest.raises(ValueError, match=match):
@@ -320,9 +292,9 @@ def test_bad_inputs_get_a_clear_error_before_any_work(case, match, digits, count
 
 @pytest.mark.parametrize("epsilons", [[0.5, None], 1.0], ids=["list", "scalar"])
 def test_an_empty_batch_returns_empty_results_as_foolbox_shapes_them(
-    epsilons, digits, counting_model
+    epsilons, digits_unpadded, counting_model
 ) -> None:
-    net, x, _ = digits
+    net, x, _ = digits_unpadded
     model = counting_model(net).eval()
     empty = x[:0]
     raw, clipped, success = LRPGrad(**GRAD)(
@@ -341,7 +313,9 @@ def test_an_empty_batch_returns_empty_results_as_foolbox_shapes_them(
 
 
 @pytest.mark.parametrize("mode", ["train", "train-frozen-bn"])
-def test_a_train_mode_model_keeps_its_modes_and_batchnorm_statistics(mode, tiny_model, digits) -> None:
+def test_a_train_mode_model_keeps_its_modes_and_batchnorm_statistics(
+    mode, tiny_model, digits_unpadded
+) -> None:
     """Foolbox's own success check calls the model: in train mode it would update BatchNorm's running
     statistics. The adapter keeps the module in eval mode for the whole call and restores every flag."""
     model = tiny_model("cnn_bn").train()
@@ -349,7 +323,7 @@ def test_a_train_mode_model_keeps_its_modes_and_batchnorm_statistics(mode, tiny_
         model[1].eval()
     modes = [module.training for module in model.modules()]
     state = {name: value.clone() for name, value in model.state_dict().items()}
-    _, x, y = digits
+    _, x, y = digits_unpadded
     with pytest.warns(UserWarning, match="training mode"):  # Foolbox's own warning at construction
         fmodel = fb.PyTorchModel(model, bounds=(0, 1))
     raw, _, success = LRPGrad(**GRAD)(fmodel, x[:8], Misclassification(y[:8]), epsilons=[None])

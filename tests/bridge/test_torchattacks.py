@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import torchattacks
-from sklearn.datasets import load_digits
 from torch import nn
 
 from xaiadv.bridge.torchattacks import LRPAttack, LRPFlip, LRPGrad, LRPGradMean, LRPMean
@@ -40,39 +39,10 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
-    """A CNN trained on 1400 digits for a few seconds, and 96 held-out digits it classifies correctly."""
-    torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(72, 32),
-        nn.ReLU(),
-        nn.Linear(32, 10),
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(15):
-        for batch in torch.randperm(1400).split(64):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-            optimizer.step()
-    net.eval()
-    x_test, y_test = x[1400:], y[1400:]
-    with torch.no_grad():
-        correct = net(x_test).argmax(1) == y_test
-    return net, x_test[correct][:96], y_test[correct][:96]
-
-
 @pytest.fixture
-def normalized(digits) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+def normalized(digits_unpadded) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     """The digits model as if trained on (x - MEAN) / STD (first conv folded), and the normalized inputs."""
-    net, x, y = digits
+    net, x, y = digits_unpadded
     folded = copy.deepcopy(net)
     conv = folded[0]
     with torch.no_grad():
@@ -91,8 +61,8 @@ def asr(net: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("attack_cls", ATTACKS, ids=lambda cls: cls.__name__)
-def test_each_attack_fools_the_model_like_its_plugin(attack_cls, digits) -> None:
-    net, x, y = digits
+def test_each_attack_fools_the_model_like_its_plugin(attack_cls, digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     params, floor = ATTACKS[attack_cls]
     x_adv = attack_cls(net, **params)(x, y)
 
@@ -105,7 +75,7 @@ def test_each_attack_fools_the_model_like_its_plugin(attack_cls, digits) -> None
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_normalization_used_is_honoured(channels, digits, normalized) -> None:
+def test_normalization_used_is_honoured(channels, digits_unpadded, normalized) -> None:
     if channels == 1:
         net, x_norm, y = normalized
         mean, std = [MEAN], [STD]
@@ -127,8 +97,8 @@ def test_normalization_used_is_honoured(channels, digits, normalized) -> None:
     assert not torch.equal(expected.x_adv, lrp_grad(net, x_raw, y, **GRAD).x_adv)
 
 
-def test_normalized_attack_fools_the_normalized_model(digits, normalized) -> None:
-    net_raw, x, y = digits
+def test_normalized_attack_fools_the_normalized_model(digits_unpadded, normalized) -> None:
+    net_raw, x, y = digits_unpadded
     net, x_norm, _ = normalized
     attack = LRPGrad(net, **GRAD)
     attack.set_normalization_used(mean=[MEAN], std=[STD])
@@ -141,8 +111,8 @@ def test_normalized_attack_fools_the_normalized_model(digits, normalized) -> Non
 
 
 @pytest.mark.parametrize("mode", ["by_label", "by_function"])
-def test_targeted_lrp_grad_reaches_the_targets(mode, digits) -> None:
-    net, x, y = digits
+def test_targeted_lrp_grad_reaches_the_targets(mode, digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     target = (y + 1) % 10
     attack = LRPGrad(net, **GRAD)
     if mode == "by_label":
@@ -158,8 +128,8 @@ def test_targeted_lrp_grad_reaches_the_targets(mode, digits) -> None:
 
 @pytest.mark.parametrize("attack_cls", [LRPFlip, LRPMean], ids=lambda cls: cls.__name__)
 @pytest.mark.parametrize("mode", ["set_mode_targeted_by_label", "set_mode_targeted_random"])
-def test_untargeted_attacks_refuse_targeted_modes(attack_cls, mode, digits) -> None:
-    attack = attack_cls(digits[0])
+def test_untargeted_attacks_refuse_targeted_modes(attack_cls, mode, digits_unpadded) -> None:
+    attack = attack_cls(digits_unpadded[0])
     assert attack.supported_mode == ["default"]
     with pytest.raises(ValueError, match=r"cannot honour a target.*LRPGrad, LRPGradMean"):
         getattr(attack, mode)(quiet=True)
@@ -185,8 +155,8 @@ def test_multiattack_with_normalization_beats_each_attack_alone(normalized) -> N
     assert asr(net, x_adv, y) >= max(alone)
 
 
-def test_model_modes_are_restored_even_after_an_error(digits) -> None:
-    net, x, y = digits
+def test_model_modes_are_restored_even_after_an_error(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     model = copy.deepcopy(net).train()
     model[1].eval()
     before = [module.training for module in model.modules()]
@@ -201,13 +171,13 @@ def test_model_modes_are_restored_even_after_an_error(digits) -> None:
     assert torch.equal(attack(x, y), first)
 
 
-def test_training_mode_during_the_attack_is_refused(digits) -> None:
+def test_training_mode_during_the_attack_is_refused(digits_unpadded) -> None:
     with pytest.raises(ValueError, match="eval mode"):
-        LRPGrad(digits[0]).set_model_training_mode(model_training=True)
+        LRPGrad(digits_unpadded[0]).set_model_training_mode(model_training=True)
 
 
-def test_callers_inputs_and_model_are_unmodified(digits) -> None:
-    net, x, y = digits
+def test_callers_inputs_and_model_are_unmodified(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     x_before, y_before = x.clone(), y.clone()
     weights = {name: value.clone() for name, value in net.state_dict().items()}
     LRPGradMean(net, **GRAD)(x, y)
@@ -217,8 +187,8 @@ def test_callers_inputs_and_model_are_unmodified(digits) -> None:
     assert not net.training
 
 
-def test_parameters_are_attributes_shown_in_repr(digits) -> None:
-    attack = LRPGrad(digits[0], eps=0.05, max_iter=7)
+def test_parameters_are_attributes_shown_in_repr(digits_unpadded) -> None:
+    attack = LRPGrad(digits_unpadded[0], eps=0.05, max_iter=7)
     text = repr(attack)
     assert text.startswith("LRPGrad(")
     for part in ("eps=0.05", "max_iter=7", "n_batch=", "attack_mode=default", "normalization_used=False"):
@@ -235,13 +205,13 @@ def test_parameters_are_attributes_shown_in_repr(digits) -> None:
     ],
     ids=["eps", "n_batch", "unknown", "targeted"],
 )
-def test_bad_parameters_raise_at_construction(params, error, match, digits) -> None:
+def test_bad_parameters_raise_at_construction(params, error, match, digits_unpadded) -> None:
     with pytest.raises(error, match=match):
-        LRPGrad(digits[0], **params)
+        LRPGrad(digits_unpadded[0], **params)
 
 
-def test_a_changed_attribute_is_validated_at_the_call(digits) -> None:
-    net, x, y = digits
+def test_a_changed_attribute_is_validated_at_the_call(digits_unpadded) -> None:
+    net, x, y = digits_unpadded
     attack = LRPGrad(net)
     attack.max_iter = 0
     with pytest.raises(ValueError, match="max_iter"):
