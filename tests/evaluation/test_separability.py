@@ -17,7 +17,7 @@ def test_separable_classes_score_one_and_one_distribution_about_a_half() -> None
     clean = rng.normal(size=(60, 8))
     assert separability_auc(clean, clean + 10.0) == 1.0
     same = separability_auc(clean, rng.normal(size=(60, 8)))
-    assert abs(same - 0.5) < 0.15  # 0.518 here; 0.38-0.61 over data and fold seeds 0-19
+    assert abs(same - 0.5) < 0.15  # 0.518 here; 0.37-0.62 over data and fold seeds 0-19
 
 
 def test_it_equals_the_fold_by_fold_computation_and_ignores_feature_scale() -> None:
@@ -25,12 +25,14 @@ def test_it_equals_the_fold_by_fold_computation_and_ignores_feature_scale() -> N
     clean, adversarial = rng.normal(size=(40, 5)), rng.normal(0.4, 1.0, size=(30, 5))
     features = np.concatenate([clean, adversarial])
     labels = np.repeat([0, 1], [40, 30])
-    scores = np.zeros(len(labels))
+    per_fold = []
     for train, test in StratifiedKFold(5, shuffle=True, random_state=3).split(features, labels):
         scaler = StandardScaler().fit(features[train])
         model = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), labels[train])
-        scores[test] = model.decision_function(scaler.transform(features[test]))
-    expected = roc_auc_score(labels, scores)
+        per_fold.append(
+            roc_auc_score(labels[test], model.decision_function(scaler.transform(features[test])))
+        )
+    expected = float(np.mean(per_fold))  # what cross_val_score(..., scoring="roc_auc") averages
     assert separability_auc(clean, adversarial, seed=3) == pytest.approx(expected, abs=1e-12)
     scaled = separability_auc(clean * 1e3, adversarial * 1e3, seed=3)
     assert scaled == pytest.approx(expected, abs=1e-9)
