@@ -130,7 +130,11 @@ LRPFlip, LRPMean, LRPGrad, LRPGradMean = attack_classes(
 )
 
 
-# The ART detectors live in their own module; users import them from here, as the design names them.
+# The detector-aware attack and the ART detectors live in their own modules; users import them from here.
+from .art_adaptive import DetectorAwarePGD  # noqa: E402
+
+__all__ += ["DetectorAwarePGD"]
+
 from .art_detectors import IDefender, KNNDetector, SpatialEntropyDetector  # noqa: E402
 
 __all__ += ["IDefender", "KNNDetector", "SpatialEntropyDetector"]
