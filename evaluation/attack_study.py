@@ -5,7 +5,8 @@ the successful perturbations, the mean confidence of the true and the adversaria
 (Amirian Table 1), seconds per image, and for the iterative attacks a per-iteration curve (Figs. 4.6-4.10).
 Ours record their own trace; the libraries' attacks are driven through an :class:`IterateRecorder`
 around the model, since Foolbox and torchattacks have no callbacks (ART's PGD family is recorded the same
-way, so all three are measured by one instrument).
+way, so all three are measured by one instrument). :class:`AttackStudy` (``xaiadv:AttackStudy``) adds the
+equal-ASR table and the AutoAttack-style warnings over the run's attack cells.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from tqdm.auto import tqdm
 
 from xaiadv.bridge.registry import build_attack
 
-from .config import AttackSpec
 from .curves import IterateRecorder, concat_records, record_from_trace, summarize
 from .metrics import (
     attack_success_rate,
@@ -33,6 +33,11 @@ from .metrics import (
     perturbation_norms,
     successes_needed,
 )
+from .studies import Study, studies
+
+if TYPE_CHECKING:
+    from .config import AttackSpec, RunConfig
+    from .run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -210,18 +215,6 @@ def _check_attack_output(spec: AttackSpec, x: torch.Tensor, x_adv: torch.Tensor)
         raise ValueError(f"{spec.name} returned values outside the bounds [0, 1]")
 
 
-def failed_cell(spec: AttackSpec, error: BaseException) -> dict[str, Any]:
-    """The record of an attack that raised: the run goes on, the report shows the message."""
-    return {
-        "kind": "attack",
-        "label": spec.label,
-        "name": spec.name,
-        "params": dict(spec.params),
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-    }
-
-
 def zero_gradient_share(
     model: nn.Module, sample: Sample, batch_size: int, device: torch.device
 ) -> float | None:
@@ -294,3 +287,39 @@ def attack_warnings(cells: dict[str, dict[str, Any]]) -> list[str]:
             "be too small, or the gradients masked"
         ]
     return []
+
+
+@studies.register("xaiadv:AttackStudy")
+@dataclass(frozen=True)
+class AttackStudy(Study):
+    """Thesis chapter 4 over the run's attack cells: the equal-ASR table (Table 5.1) and the warnings.
+
+    ``equal_asr``: the attack labels compared at equal ASR; empty means all of them. An attack that
+    rarely succeeds would otherwise pull the common ASR down to where nothing is compared.
+    """
+
+    equal_asr: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        chosen = self.equal_asr
+        if not isinstance(chosen, list | tuple) or not all(isinstance(label, str) for label in chosen):
+            raise ValueError(f"equal_asr: expected a list of attack labels, got {chosen!r}")
+        object.__setattr__(self, "equal_asr", tuple(chosen))
+
+    def check(self, config: RunConfig) -> None:
+        labels = [attack.label for attack in config.attacks]
+        unknown = [label for label in self.equal_asr if label not in labels]
+        if unknown:
+            raise ValueError(
+                f"equal_asr: {unknown} are not attack labels of this run; valid: {', '.join(labels)}"
+            )
+
+    def run(self, run: Run) -> None:
+        cells = run.attacks
+        arrays = {
+            label: run.directory.load_arrays("attack", label)
+            for label, cell in cells.items()
+            if cell["status"] == "done"
+        }
+        run.results["equal_asr"] = equal_asr_table(cells, arrays, self.equal_asr)
+        run.results["warnings"] = run.results["checks"]["warnings"] + attack_warnings(cells)

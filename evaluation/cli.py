@@ -108,12 +108,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def listing(source: str | None = None) -> dict[str, list[str]]:
-    """Every attack of the four sources, every detector and study, as ``source:Name`` by kind."""
+    """Every attack of the four sources, every detector and study, as ``source:Name`` by kind (sorted).
+
+    Detectors and studies come from their registries, so what a run config can name is what is listed.
+    """
     from xaiadv.bridge.registry import available_attacks
 
-    from .config import DETECTORS, STUDIES
+    from .detector_study import detector_registry
+    from .studies import study_registry
 
-    kinds = {"attacks": available_attacks(source), "detectors": list(DETECTORS), "studies": list(STUDIES)}
+    kinds = {
+        "attacks": available_attacks(source),
+        "detectors": sorted(detector_registry()),
+        "studies": sorted(study_registry()),
+    }
     return {
         kind: [name for name in names if source is None or name.startswith(f"{source}:")]
         for kind, names in kinds.items()

@@ -1,8 +1,14 @@
-"""Run configuration: a TOML file (stdlib ``tomllib``) read into a frozen dataclass that validates itself.
+"""Run configuration: a TOML file (stdlib ``tomllib``) read into frozen dataclasses that validate themselves.
 
 A run names its data set and sample, the model (a cached reference CNN, or a user's checkpoint and the
-factory that builds its module), the attacks and detectors (registry names and parameters), the studies,
-the seed and the output directory. Every error names the key and the file.
+factory that builds its module), the attacks and detectors (registry names and parameters), the studies
+(registry names and their parameters, ``[[studies]]``), the seed and the output directory.
+
+One place for each fact: every default and every check of a value lives in the dataclass that holds it
+(:class:`AttackSpec`, :class:`DetectorSpec`, :class:`ModelSpec`, :class:`RunConfig`, each study), which
+refuses a bad value in ``__post_init__`` whether it comes from a file or from Python. :func:`parse_config`
+only maps TOML keys to those fields: it refuses unknown keys and malformed tables, and names the file and
+the dotted key in front of the dataclass's message.
 
 Loading builds every attack and detector for the model, as the run will, without running any: a
 misspelt or refused parameter is a :class:`ConfigError` naming the file, the entry, the parameter and
@@ -14,9 +20,11 @@ config file's folder (where a user keeps them beside the TOML), the module then 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,19 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiadv.plugins import checks
+
 from .data import DATASETS
+from .studies import Study, default_studies, study_registry
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
-
-#: Detectors the harness runs: ours as ART detectors, and ART's own two trained detectors as peers.
-DETECTORS = (
-    "xaiadv:SpatialEntropyDetector",
-    "xaiadv:IDefender",
-    "xaiadv:KNNDetector",
-    "art:BinaryInputDetector",
-    "art:BinaryActivationDetector",
-)
-STUDIES = ("xaiadv:AttackStudy", "xaiadv:DetectorStudy")
 DEVICES = ("cpu", "cuda")
 
 
@@ -46,30 +47,88 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the key."""
 
 
+# -------------------------------------------------------------------------------------------------
+# the configuration: each dataclass validates itself; messages start with the field's (TOML) key
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _table(key: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key}: expected a table, got {value!r}")
+    return dict(value)
+
+
+def _registered(kind: str, name: object, valid: Sequence[str], key: str = "name") -> str:
+    """``name`` if it is one of ``valid`` registry names; else every valid name and the nearest one."""
+    if name not in valid:
+        near = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"{key}: unknown {kind} {name!r}; valid names: {', '.join(valid)}{hint}")
+    return str(name)
+
+
+def _attack_names() -> list[str]:
+    from xaiadv.bridge.registry import available_attacks
+
+    return available_attacks()
+
+
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack of a run: registry name, a label for the tables, its parameters, an optional sample cap."""
+    """One attack of a run: registry name, a label for the tables (default: the name), its parameters
+    (checked against the attack when the config loads), an optional cap on the samples it attacks."""
 
     name: str
-    label: str
+    label: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _registered("attack", self.name, _attack_names())
+        object.__setattr__(self, "label", self.name if self.label is None else _string("label", self.label))
+        object.__setattr__(self, "params", _table("params", self.params))
+        if self.samples is not None:
+            checks.positive_int("samples", self.samples)
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """One detector of a run: a name from :data:`DETECTORS`, a label and its parameters.
+    """One detector of a run: a name from the detector registry, a label (default: the name), its parameters.
 
     ART's peer detectors are trained on adversarial examples of one attack: ``train_attack`` (a registry
     name) with ``train_params``, generated on ``train_samples`` training images.
     """
 
     name: str
-    label: str
+    label: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     train_attack: str | None = None
     train_params: Mapping[str, Any] = field(default_factory=dict)
     train_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        from .detector_study import detector_registry, is_trained_peer
+
+        _registered("detector", self.name, sorted(detector_registry()))
+        object.__setattr__(self, "label", self.name if self.label is None else _string("label", self.label))
+        object.__setattr__(self, "params", _table("params", self.params))
+        object.__setattr__(self, "train_params", _table("train_params", self.train_params))
+        checks.positive_int("train_samples", self.train_samples)
+        if not is_trained_peer(self.name):
+            if self.train_attack is not None:
+                raise ValueError("train_attack: only ART's trained detectors take one")
+        elif self.train_attack is None:
+            raise ValueError(
+                f"train_attack: {self.name} is trained on adversarial examples; name the attack that makes "
+                "them (e.g. 'art:FastGradientMethod')"
+            )
+        else:
+            _registered("attack", self.train_attack, _attack_names(), "train_attack")
 
 
 @dataclass(frozen=True)
@@ -86,15 +145,39 @@ class ModelSpec:
     factory: str | None = None
     factory_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        checks.positive_int("epochs", self.epochs)
+        if self.max_train is not None:
+            checks.positive_int("max_train", self.max_train)
+        checks.positive_int("width", self.width)
+        checks.natural_int("seed", self.seed)
+        if (self.checkpoint is None) != (self.factory is None):
+            raise ValueError(
+                "checkpoint and factory go together (a state dict and the 'module:callable' that builds "
+                "the module it fits); give both or neither"
+            )
+        if self.checkpoint is not None:
+            _string("checkpoint", self.checkpoint)
+        if self.factory is not None and ":" not in _string("factory", self.factory):
+            raise ValueError(f"factory: expected 'package.module:callable', got {self.factory!r}")
+        object.__setattr__(self, "factory_kwargs", _table("factory_kwargs", self.factory_kwargs))
+
+
+#: The keys of the ``[data]`` table: RunConfig fields of the same names.
+DATA_KEYS = ("dataset", "samples", "fit_samples", "calibration_samples", "fallback")
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run; the same config and seed give the same results on CPU.
 
+    Its checks name the TOML keys (``data.samples``) and the file (``source``), since a run config is a
+    TOML file; built in Python it says ``<dict>``.
     ``calibration_samples``: clean test images after the sample on which our detectors' thresholds are set
     (none left: each detector holds out part of its fitting images instead).
-    ``equal_asr``: the attack labels compared at equal ASR (thesis Table 5.1); empty means all of them. An
-    attack that rarely succeeds would otherwise pull the common ASR down to where nothing is compared.
+    ``studies``: registered study objects with their parameters; default the attack and detector studies
+    (:data:`~xaiadv.evaluation.studies.DEFAULT_STUDIES`). Attack cells run whatever the studies.
+    ``name``: what the report's header calls the run (optional; names no result).
     ``folder``: the config file's folder (absolute), where the model factory's module is looked for.
     """
 
@@ -110,36 +193,85 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 128
-    studies: tuple[str, ...] = STUDIES
-    equal_asr: tuple[str, ...] = ()
+    studies: tuple[Study, ...] = field(default_factory=default_studies)
+    name: str | None = None
     source: str = "<dict>"
     folder: str = "."
+
+    def __post_init__(self) -> None:
+        with _located(self.source):
+            self._check()
+
+    def _check(self) -> None:
+        checks.one_of("data.dataset", self.dataset, DATASETS)
+        if self.fallback is not None:
+            checks.one_of("data.fallback", self.fallback, DATASETS)
+        for key in ("samples", "fit_samples", "calibration_samples"):
+            checks.positive_int(f"data.{key}", getattr(self, key))
+        _string("output", self.output)
+        if self.name is not None:
+            _string("name", self.name)
+        checks.natural_int("seed", self.seed)
+        checks.one_of("device", self.device, DEVICES)
+        checks.positive_int("batch_size", self.batch_size)
+        if not isinstance(self.model, ModelSpec):
+            raise ValueError(f"model: expected a ModelSpec, got {type(self.model).__name__}")
+        self._check_entries("attacks", AttackSpec, required=True)
+        self._check_entries("detectors", DetectorSpec, required=False)
+        self._check_entries("studies", Study, required=False)
+        for index, study in enumerate(self.studies):
+            try:
+                study.check(self)
+            except ValueError as error:
+                raise ValueError(f"studies[{index}].{error}") from error
+
+    def _check_entries(self, key: str, kind: type, *, required: bool) -> None:
+        """The entries of ``key`` as a tuple of ``kind``, at least one when ``required``, labels unique."""
+        entries = tuple(getattr(self, key))
+        object.__setattr__(self, key, entries)
+        if required and not entries:
+            raise ValueError(f"{key}: a run needs at least one")
+        wrong = [entry for entry in entries if not isinstance(entry, kind)]
+        if wrong:
+            raise ValueError(f"{key}: expected {kind.__name__} entries, got {wrong[0]!r}")
+        names = [entry.name if kind is Study else entry.label for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            said = "labels must be unique" if kind is not Study else "each study once"
+            raise ValueError(f"{key}: {said}; repeated: {repeated}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the fields (the source file and its folder left out: they name no result)."""
         data = asdict(self)
         data.pop("source")
         data.pop("folder")
+        data["studies"] = [study.to_dict() for study in self.studies]
         return data
 
 
-_TOP_KEYS = {
-    "name",
-    "seed",
-    "output",
-    "device",
-    "batch_size",
-    "data",
-    "model",
-    "attacks",
-    "detectors",
-    "studies",
-}
-_DATA_KEYS = {"dataset", "samples", "fit_samples", "calibration_samples", "fallback"}
-_MODEL_KEYS = {"epochs", "max_train", "width", "seed", "checkpoint", "factory", "factory_kwargs"}
-_ATTACK_KEYS = {"name", "label", "params", "samples"}
-_DETECTOR_KEYS = {"name", "label", "params", "train_attack", "train_params", "train_samples"}
-_STUDY_KEYS = {"attacks", "detectors", "equal_asr"}
+@contextmanager
+def _located(source: str, prefix: str = "") -> Iterator[None]:
+    """A ValueError inside, whose message starts with a key, becomes a ConfigError naming the file and
+    the key's dotted path (``attacks[2].`` + ``samples must be ...``); a ConfigError passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{source}: {prefix}{error}") from error
+
+
+# -------------------------------------------------------------------------------------------------
+# TOML -> the dataclasses: keys mapped, nothing else decided here
+
+#: Top-level scalar keys: RunConfig fields of the same names. The tables: [data], [model], [[attacks]],
+#: [[detectors]], [[studies]].
+TOP_KEYS = ("name", "seed", "output", "device", "batch_size")
+TABLES = ("data", "model", "attacks", "detectors", "studies")
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -160,154 +292,78 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", folder: str 
     ``folder``: where a relative checkpoint and the factory's module are (a config file's folder).
     """
     folder = os.path.abspath(folder)
-    check = _Checker(source)
-    check.keys(raw, _TOP_KEYS, "")
-    data = check.table(raw, "data")
-    check.keys(data, _DATA_KEYS, "data.")
-    model = check.table(raw, "model", required=False)
-    check.keys(model, _MODEL_KEYS, "model.")
-    studies = check.table(raw, "studies", required=False)
-    check.keys(studies, _STUDY_KEYS, "studies.")
-    dataset = check.choice(data, "dataset", DATASETS, "data.")
-    fallback = data.get("fallback")
-    if fallback is not None:
-        fallback = check.choice(data, "fallback", DATASETS, "data.")
-    attacks = tuple(_attack(check, entry, i) for i, entry in enumerate(check.array(raw, "attacks")))
-    detectors = tuple(
-        _detector(check, entry, i) for i, entry in enumerate(check.array(raw, "detectors", required=False))
-    )
-    _unique_labels(check, [a.label for a in attacks], "attacks")
-    _unique_labels(check, [d.label for d in detectors], "detectors")
-    config = RunConfig(
-        dataset=dataset,
-        samples=check.positive_int(data, "samples", "data."),
-        output=check.string(raw, "output", ""),
-        attacks=attacks,
-        detectors=detectors,
-        model=_model(check, model, folder),
-        fallback=fallback,
-        fit_samples=check.positive_int(data, "fit_samples", "data.", default=10_000),
-        calibration_samples=check.positive_int(data, "calibration_samples", "data.", default=1000),
-        seed=check.natural_int(raw, "seed", "", default=0),
-        device=check.choice(raw, "device", DEVICES, "", default="cpu"),
-        batch_size=check.positive_int(raw, "batch_size", "", default=128),
-        studies=tuple(
-            name
-            for name, key in zip(STUDIES, ("attacks", "detectors"), strict=True)
-            if check.boolean(studies, key, "studies.", default=True)
+    read = _Reader(source)
+    read.keys(raw, {*TOP_KEYS, *TABLES}, "")
+    data = read.table(raw, "data")
+    read.keys(data, set(DATA_KEYS), "data.")
+    read.required(raw, "output", "")
+    read.required(data, "dataset", "data.")
+    read.required(data, "samples", "data.")
+    entries = {
+        "attacks": tuple(
+            read.spec(AttackSpec, entry, f"attacks[{i}]")
+            for i, entry in enumerate(read.array(raw, "attacks"))
         ),
-        equal_asr=_equal_asr(check, studies, [a.label for a in attacks]),
+        "detectors": tuple(
+            read.spec(DetectorSpec, entry, f"detectors[{i}]")
+            for i, entry in enumerate(read.array(raw, "detectors", required=False))
+        ),
+        "model": _model(read, read.table(raw, "model", required=False), folder),
+    }
+    if "studies" in raw:
+        entries["studies"] = _studies(read, raw["studies"])
+    config = RunConfig(
+        **read.present(raw, TOP_KEYS),
+        **read.present(data, DATA_KEYS),
+        **entries,
         source=source,
         folder=folder,
     )
-    _check_buildable(check, config)
+    _check_buildable(read, config)
     return config
 
 
-def _attack(check: _Checker, entry: object, index: int) -> AttackSpec:
-    prefix = f"attacks[{index}]."
-    entry = check.mapping(entry, prefix[:-1])
-    check.keys(entry, _ATTACK_KEYS, prefix)
-    name = check.string(entry, "name", prefix)
-    _known_attack(check, name, prefix + "name")
-    samples = entry.get("samples")
-    return AttackSpec(
-        name=name,
-        label=check.string(entry, "label", prefix, default=name),
-        params=dict(check.table(entry, "params", required=False, prefix=prefix)),
-        samples=None if samples is None else check.positive_int(entry, "samples", prefix),
-    )
-
-
-def _detector(check: _Checker, entry: object, index: int) -> DetectorSpec:
-    prefix = f"detectors[{index}]."
-    entry = check.mapping(entry, prefix[:-1])
-    check.keys(entry, _DETECTOR_KEYS, prefix)
-    name = check.choice(entry, "name", DETECTORS, prefix)
-    train_attack = entry.get("train_attack")
-    if name.startswith("art:"):
-        if train_attack is None:
-            raise ConfigError(
-                f"{check.source}: {prefix}train_attack: {name} is trained on adversarial examples; "
-                "name the attack that makes them (e.g. 'art:FastGradientMethod')"
-            )
-        _known_attack(check, check.string(entry, "train_attack", prefix), prefix + "train_attack")
-    elif train_attack is not None:
-        raise ConfigError(f"{check.source}: {prefix}train_attack: only ART's trained detectors take one")
-    return DetectorSpec(
-        name=name,
-        label=check.string(entry, "label", prefix, default=name),
-        params=dict(check.table(entry, "params", required=False, prefix=prefix)),
-        train_attack=train_attack,
-        train_params=dict(check.table(entry, "train_params", required=False, prefix=prefix)),
-        train_samples=check.positive_int(entry, "train_samples", prefix, default=1000),
-    )
-
-
-def _model(check: _Checker, model: Mapping[str, Any], folder: str) -> ModelSpec:
-    checkpoint, factory = model.get("checkpoint"), model.get("factory")
-    if (checkpoint is None) != (factory is None):
-        raise ConfigError(
-            f"{check.source}: model.checkpoint and model.factory go together (a state dict and the "
-            "'module:callable' that builds the module it fits); give both or neither"
-        )
-    if factory is not None and ":" not in check.string(model, "factory", "model."):
-        raise ConfigError(
-            f"{check.source}: model.factory: expected 'package.module:callable', got {factory!r}"
-        )
-    max_train = model.get("max_train", 30_000)
-    return ModelSpec(
-        epochs=check.positive_int(model, "epochs", "model.", default=2),
-        max_train=None
-        if max_train is None
-        else check.positive_int(model, "max_train", "model.", default=30_000),
-        width=check.positive_int(model, "width", "model.", default=32),
-        seed=check.natural_int(model, "seed", "model.", default=0),
-        checkpoint=None if checkpoint is None else _checkpoint(check, model, folder),
-        factory=factory,
-        factory_kwargs=dict(check.table(model, "factory_kwargs", required=False, prefix="model.")),
-    )
-
-
-def _checkpoint(check: _Checker, model: Mapping[str, Any], folder: str) -> str:
-    """The checkpoint's absolute path, a relative one taken from the config file's folder; it must exist."""
-    given = check.string(model, "checkpoint", "model.")
-    path = os.path.abspath(os.path.join(folder, given))
-    if not os.path.isfile(path):
+def _model(read: _Reader, model: Mapping[str, Any], folder: str) -> ModelSpec:
+    """The [model] table; a relative checkpoint is taken from the config file's folder and must exist."""
+    read.keys(model, set(_field_names(ModelSpec)), "model.")
+    fields = read.present(model, _field_names(ModelSpec))
+    given = fields.get("checkpoint")
+    if isinstance(given, str):
+        fields["checkpoint"] = os.path.abspath(os.path.join(folder, given))
+    with _located(read.source, "model."):
+        spec = ModelSpec(**fields)
+    if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
         where = (
             ""
             if os.path.isabs(given)
-            else (f" (a relative checkpoint is taken from the config file's folder, {folder})")
+            else f" (a relative checkpoint is taken from the config file's folder, {folder})"
         )
-        raise ConfigError(f"{check.source}: model.checkpoint: no file {path}{where}")
-    return path
+        raise ConfigError(f"{read.source}: model.checkpoint: no file {spec.checkpoint}{where}")
+    return spec
 
 
-def _equal_asr(check: _Checker, studies: Mapping[str, Any], labels: list[str]) -> tuple[str, ...]:
-    chosen = studies.get("equal_asr", [])
-    if not isinstance(chosen, list) or not all(isinstance(label, str) for label in chosen):
-        raise check.fail("studies.equal_asr", "a list of attack labels", chosen)
-    unknown = [label for label in chosen if label not in labels]
-    if unknown:
+def _studies(read: _Reader, value: object) -> tuple[Study, ...]:
+    """``[[studies]]`` entries: ``name`` (a registered study) and that study's own parameters."""
+    if isinstance(value, Mapping):
         raise ConfigError(
-            f"{check.source}: studies.equal_asr: {unknown} are not attack labels of this run; "
-            f"valid: {', '.join(labels)}"
+            f"{read.source}: studies: the [studies] table is gone; name each study in its own "
+            '[[studies]] entry with its parameters, e.g. [[studies]] name = "xaiadv:AttackStudy" '
+            'equal_asr = [...], then [[studies]] name = "xaiadv:DetectorStudy"; leave [[studies]] out '
+            "for both with their defaults (see evaluation/demo.toml)"
         )
-    return tuple(chosen)
-
-
-def _known_attack(check: _Checker, name: str, key: str) -> None:
-    from xaiadv.bridge.registry import available_attacks
-
-    valid = available_attacks()
-    if name not in valid:
-        raise ConfigError(f"{check.source}: {key}: unknown attack {name!r}; valid names: {', '.join(valid)}")
-
-
-def _unique_labels(check: _Checker, labels: list[str], key: str) -> None:
-    seen = {label for label in labels if labels.count(label) > 1}
-    if seen:
-        raise ConfigError(f"{check.source}: {key}: labels must be unique; repeated: {sorted(seen)}")
+    found = []
+    for index, entry in enumerate(read.array({"studies": value}, "studies", required=False)):
+        where = f"studies[{index}]"
+        entry = read.mapping(entry, where)
+        read.required(entry, "name", f"{where}.")
+        registry = study_registry()
+        with _located(read.source, f"{where}."):
+            cls = registry[_registered("study", entry["name"], list(registry))]
+        parameters = _field_names(cls)
+        read.keys(entry, {"name", *parameters}, f"{where}.")
+        with _located(read.source, f"{where}."):
+            found.append(cls(**read.present(entry, parameters)))
+    return tuple(found)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -323,7 +379,7 @@ def _random_state_kept() -> Iterator[None]:
     np.random.set_state(numpy_state)
 
 
-def _check_buildable(check: _Checker, config: RunConfig) -> None:
+def _check_buildable(read: _Reader, config: RunConfig) -> None:
     """Build each attack, detector and peer's training attack for the model, as the run will."""
     from xaiadv.bridge.registry import art_classifier, check_attack
 
@@ -332,24 +388,24 @@ def _check_buildable(check: _Checker, config: RunConfig) -> None:
 
     input_shape = dataset_input_shape(config.dataset)
     with _random_state_kept():
-        model = _model_to_check(check, config)
+        model = _model_to_check(read, config)
         classifier = art_classifier(model, input_shape, (0.0, 1.0), None) if config.detectors else None
         for index, attack in enumerate(config.attacks):
-            with _blamed(check, f"attacks[{index}]", attack.label, "params"):
+            with _blamed(read, f"attacks[{index}]", attack.label, "params"):
                 check_attack(attack.name, attack.params, model=model, input_shape=input_shape)
         for index, detector in enumerate(config.detectors):
             where = f"detectors[{index}]"
-            with _blamed(check, where, detector.label, "params"):
+            with _blamed(read, where, detector.label, "params"):
                 check_detector(detector, classifier)
             if detector.train_attack is not None:
-                with _blamed(check, where, detector.label, "train_params"):
+                with _blamed(read, where, detector.label, "train_params"):
                     check_attack(
                         detector.train_attack, detector.train_params, model=model, input_shape=input_shape
                     )
 
 
 @contextmanager
-def _blamed(check: _Checker, where: str, label: str, key: str) -> Iterator[None]:
+def _blamed(read: _Reader, where: str, label: str, key: str) -> Iterator[None]:
     """A :class:`ParameterError` inside becomes a ConfigError naming the file, entry, label and key."""
     from xaiadv.bridge.registry import ParameterError
 
@@ -357,10 +413,10 @@ def _blamed(check: _Checker, where: str, label: str, key: str) -> Iterator[None]
         yield
     except ParameterError as error:
         named = key if error.parameter is None else f"{key}.{error.parameter}"
-        raise ConfigError(f'{check.source}: {where} (label "{label}"): {named}: {error.reason}') from error
+        raise ConfigError(f'{read.source}: {where} (label "{label}"): {named}: {error.reason}') from error
 
 
-def _model_to_check(check: _Checker, config: RunConfig) -> nn.Module:
+def _model_to_check(read: _Reader, config: RunConfig) -> nn.Module:
     """The model the run will attack, untrained: the reference CNN, or the user's factory's module."""
     from .models import import_factory, untrained_reference
 
@@ -370,30 +426,27 @@ def _model_to_check(check: _Checker, config: RunConfig) -> nn.Module:
     try:
         factory = import_factory(spec.factory, Path(config.folder))
     except ValueError as error:
-        raise ConfigError(f"{check.source}: model.factory: {error}") from error
+        raise ConfigError(f"{read.source}: model.factory: {error}") from error
     try:
         model = factory(**spec.factory_kwargs)
     except Exception as error:  # the user's factory raised: the config cannot build the model
         raise ConfigError(
-            f"{check.source}: model.factory: {spec.factory}(**{dict(spec.factory_kwargs)}) raised "
+            f"{read.source}: model.factory: {spec.factory}(**{dict(spec.factory_kwargs)}) raised "
             f"{type(error).__name__}: {error}"
         ) from error
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"{check.source}: model.factory: {spec.factory!r} returned {type(model).__name__}, "
+            f"{read.source}: model.factory: {spec.factory!r} returned {type(model).__name__}, "
             "not a torch module"
         )
     return model.eval()
 
 
 @dataclass(frozen=True)
-class _Checker:
-    """Typed reads of config values; every error names the file and the dotted key."""
+class _Reader:
+    """The TOML side of a config: tables, arrays, required and unknown keys; errors name the file."""
 
     source: str
-
-    def fail(self, key: str, expected: str, value: object) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: expected {expected}, got {value!r}")
 
     def keys(self, table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
         unknown = sorted(set(table) - allowed)
@@ -403,19 +456,25 @@ class _Checker:
                 f"valid: {', '.join(sorted(prefix + k for k in allowed))}"
             )
 
+    def required(self, table: Mapping[str, Any], key: str, prefix: str) -> None:
+        if key not in table:
+            raise ConfigError(f"{self.source}: missing key {prefix}{key}")
+
+    def present(self, table: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+        """The given ones of ``keys``: what is left out takes the dataclass's default."""
+        return {key: table[key] for key in keys if key in table}
+
     def mapping(self, value: object, key: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.fail(key, "a table", value)
+            raise ConfigError(f"{self.source}: {key}: expected a table, got {value!r}")
         return value
 
-    def table(
-        self, raw: Mapping[str, Any], key: str, *, required: bool = True, prefix: str = ""
-    ) -> Mapping[str, Any]:
+    def table(self, raw: Mapping[str, Any], key: str, *, required: bool = True) -> Mapping[str, Any]:
         if key not in raw:
             if required:
-                raise ConfigError(f"{self.source}: missing table [{prefix}{key}]")
+                raise ConfigError(f"{self.source}: missing table [{key}]")
             return {}
-        return self.mapping(raw[key], prefix + key)
+        return self.mapping(raw[key], key)
 
     def array(self, raw: Mapping[str, Any], key: str, *, required: bool = True) -> list[Any]:
         value = raw.get(key)
@@ -424,47 +483,13 @@ class _Checker:
                 raise ConfigError(f"{self.source}: missing [[{key}]]: a run needs at least one")
             return []
         if not isinstance(value, list) or (required and not value):
-            raise self.fail(key, "an array of tables ([[" + key + "]])", value)
+            raise ConfigError(f"{self.source}: {key}: expected an array of tables ([[{key}]]), got {value!r}")
         return value
 
-    def get(self, raw: Mapping[str, Any], key: str, prefix: str, default: object) -> object:
-        if key in raw:
-            return raw[key]
-        if default is _REQUIRED:
-            raise ConfigError(f"{self.source}: missing key {prefix}{key}")
-        return default
-
-    def string(self, raw: Mapping[str, Any], key: str, prefix: str, default: object = None) -> str:
-        value = self.get(raw, key, prefix, _REQUIRED if default is None else default)
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(prefix + key, "a non-empty string", value)
-        return value
-
-    def choice(
-        self, raw: Mapping[str, Any], key: str, choices: tuple[str, ...], prefix: str, default: object = None
-    ) -> str:
-        value = self.get(raw, key, prefix, _REQUIRED if default is None else default)
-        if value not in choices:
-            raise self.fail(prefix + key, f"one of {', '.join(choices)}", value)
-        return str(value)
-
-    def positive_int(self, raw: Mapping[str, Any], key: str, prefix: str, default: object = None) -> int:
-        value = self.get(raw, key, prefix, _REQUIRED if default is None else default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.fail(prefix + key, "an integer > 0", value)
-        return value
-
-    def natural_int(self, raw: Mapping[str, Any], key: str, prefix: str, default: int) -> int:
-        value = self.get(raw, key, prefix, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(prefix + key, "an integer >= 0", value)
-        return value
-
-    def boolean(self, raw: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
-        value = self.get(raw, key, prefix, default)
-        if not isinstance(value, bool):
-            raise self.fail(prefix + key, "true or false", value)
-        return value
-
-
-_REQUIRED = object()
+    def spec(self, cls: type, entry: object, where: str) -> Any:
+        """One ``[[attacks]]`` or ``[[detectors]]`` entry as ``cls``: its keys are the fields' names."""
+        entry = self.mapping(entry, where)
+        self.keys(entry, set(_field_names(cls)), f"{where}.")
+        self.required(entry, "name", f"{where}.")
+        with _located(self.source, f"{where}."):
+            return cls(**entry)

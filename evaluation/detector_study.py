@@ -6,26 +6,44 @@ sample: three disjoint sets. Negatives are the initially correct clean test imag
 successful adversarial examples of one attack (n stated per row). Per pair: ROC curve, AUC, TPR at FPR
 1/5/10% (Amirian Table 1), EER accuracy (Carrara Table 2) and the operating point of the detector's own
 calibrated threshold (for I-defender with keep=0.95 / 0.99 that is ID-95 / ID-99). The "authentic errors"
-row scores the clean images the model misclassifies against the correct ones (Carrara). ART's
-BinaryInputDetector and BinaryActivationDetector are peers: trained on adversarial examples of one named
-attack.
+row scores the clean images the model misclassifies against the correct ones (Carrara).
+
+Detectors are named through the one detector registry (``xaiadv.bridge.registry.detectors``): ours are
+registered by ``xaiadv.bridge.art_detectors``, ART's BinaryInputDetector and BinaryActivationDetector
+here, as peers trained on adversarial examples of one named attack (:class:`TrainedPeer`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from xaiadv.bridge.registry import ParameterError, blame_refusal, build_attack, check_parameter_names
+from xaiadv.bridge.registry import (
+    ParameterError,
+    Registry,
+    art_classifier,
+    blame_refusal,
+    build_attack,
+    check_parameter_names,
+    detectors,
+)
 
-from .config import DetectorSpec
+from .data import training_subset
 from .metrics import equal_error_accuracy, operating_point, roc_auc, roc_curve, tpr_at_fpr
+from .studies import Study, studies
+
+if TYPE_CHECKING:
+    from .config import DetectorSpec, RunConfig
+    from .run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -33,31 +51,114 @@ FPR_POINTS = (0.01, 0.05, 0.10)
 #: Training of ART's peer detectors (their own small networks).
 PEER_EPOCHS = 5
 PEER_LR = 1e-3
-
-#: The parameters ART's peer detectors take in a run config, with their defaults (None: chosen at fit).
-PEER_PARAMS: dict[str, dict[str, Any]] = {
-    "art:BinaryInputDetector": {"epochs": PEER_EPOCHS},
-    "art:BinaryActivationDetector": {"epochs": PEER_EPOCHS, "layer": None},
-}
+BOUNDS = (0.0, 1.0)
 
 #: (scores, flags) of a fitted detector on a batch of inputs.
 Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def art_classifier(
-    model: nn.Module, input_shape: tuple[int, ...], n_classes: int, device: torch.device
-) -> Any:
-    """ART's PyTorchClassifier of the evaluated model on [0, 1] inputs."""
-    from art.estimators.classification import PyTorchClassifier
+# -------------------------------------------------------------------------------------------------
+# the detectors a run can name
 
-    return PyTorchClassifier(
-        model,
-        loss=nn.CrossEntropyLoss(),
-        input_shape=tuple(input_shape),
-        nb_classes=n_classes,
-        clip_values=(0.0, 1.0),
-        device_type="gpu" if device.type == "cuda" else "cpu",
-    )
+
+class TrainedPeer:
+    """ART's detectors trained on adversarial examples of one attack (a run's ``train_attack``).
+
+    What the registry holds for ``art:BinaryInputDetector`` and ``art:BinaryActivationDetector``: the
+    parameters a run config may give them (``params``, with defaults; None: chosen at fit) and
+    :meth:`build`, which makes the ART detector around its own small network, ready to be trained.
+    """
+
+    params: ClassVar[dict[str, Any]] = {"epochs": PEER_EPOCHS}
+
+    @classmethod
+    def check(cls, spec: DetectorSpec, classifier: Any) -> None:
+        """Refuse an unknown parameter (with the nearest name) or an epoch count that is not > 0."""
+        check_parameter_names(spec.name, spec.params, cls.params)
+        epochs = spec.params.get("epochs", PEER_EPOCHS)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+            raise ParameterError("epochs", f"expected an integer > 0, got {epochs!r}")
+
+    @classmethod
+    def build(cls, spec: DetectorSpec, classifier: Any, input_shape: tuple[int, ...]) -> Any:
+        """The ART detector, untrained; ``classifier`` is ART's classifier of (a copy of) the model."""
+        raise NotImplementedError
+
+
+@detectors.register("art:BinaryInputDetector")
+class BinaryInputPeer(TrainedPeer):
+    """ART's ``BinaryInputDetector``: a small CNN on the input, clean (0) or adversarial (1)."""
+
+    @classmethod
+    def build(cls, spec: DetectorSpec, classifier: Any, input_shape: tuple[int, ...]) -> Any:
+        from art.defences.detector.evasion import BinaryInputDetector
+
+        network = _input_detector_network(input_shape)
+        return BinaryInputDetector(_binary_classifier(network, input_shape, classifier))
+
+
+@detectors.register("art:BinaryActivationDetector")
+class BinaryActivationPeer(TrainedPeer):
+    """ART's ``BinaryActivationDetector``: a small MLP on the model's activations at ``layer``."""
+
+    params: ClassVar[dict[str, Any]] = {"epochs": PEER_EPOCHS, "layer": None}
+
+    @classmethod
+    def check(cls, spec: DetectorSpec, classifier: Any) -> None:
+        super().check(spec, classifier)
+        cls.layer(spec, classifier)
+
+    @classmethod
+    def layer(cls, spec: DetectorSpec, classifier: Any) -> str:
+        """The layer the detector reads: ``params.layer``, by default the model's second to last."""
+        layer = spec.params.get("layer", classifier.layer_names[-2])
+        if layer not in classifier.layer_names:
+            raise ParameterError(
+                "layer",
+                f"{spec.name} refused it (ValueError: {layer!r} is not a layer of the model; its layers: "
+                f"{', '.join(classifier.layer_names)})",
+            )
+        return layer
+
+    @classmethod
+    def build(cls, spec: DetectorSpec, classifier: Any, input_shape: tuple[int, ...]) -> Any:
+        from art.defences.detector.evasion import BinaryActivationDetector
+
+        layer = cls.layer(spec, classifier)
+        probe = np.zeros((1, *input_shape), dtype=np.float32)
+        width = int(np.prod(classifier.get_activations(probe, layer, 1).shape[1:]))
+        network = nn.Sequential(nn.Flatten(), nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 2))
+        return BinaryActivationDetector(classifier, _binary_classifier(network, (width,), classifier), layer)
+
+
+#: Transitional (issue 12): our ART detectors by registry name and the names their classes have had in
+#: ``xaiadv.bridge.art``, registered here only while ``bridge/art_detectors.py`` does not register them
+#: itself. Once it does, every name is present and this does nothing; then delete it.
+_OURS_UNTIL_THE_BRIDGE_REGISTERS = {
+    "xaiadv:SpatialEntropyDetector": ("SpatialEntropyDetector",),
+    "xaiadv:IDefenderDetector": ("IDefenderDetector", "IDefender"),
+    "xaiadv:KNNDetector": ("KNNDetector",),
+}
+
+
+def detector_registry() -> Registry:
+    """The detector registry, filled: ours (``xaiadv.bridge.art_detectors``) and ART's peers (here)."""
+    import xaiadv.bridge.art_detectors  # noqa: F401  (its @detectors.register fills the registry)
+
+    missing = [name for name in _OURS_UNTIL_THE_BRIDGE_REGISTERS if name not in detectors]
+    if missing:
+        from xaiadv.bridge import art as bridge_art
+
+        for name in missing:
+            found = (getattr(bridge_art, a, None) for a in _OURS_UNTIL_THE_BRIDGE_REGISTERS[name])
+            detectors.register(name)(next(cls for cls in found if cls is not None))
+    return detectors
+
+
+def is_trained_peer(name: str) -> bool:
+    """Whether detector ``name`` is trained on adversarial examples (it then needs a ``train_attack``)."""
+    entry = detector_registry()[name]
+    return isinstance(entry, type) and issubclass(entry, TrainedPeer)
 
 
 def check_detector(spec: DetectorSpec, classifier: Any) -> None:
@@ -66,32 +167,20 @@ def check_detector(spec: DetectorSpec, classifier: Any) -> None:
     Raises :class:`ParameterError` naming the parameter: unknown (with the nearest valid name), or
     refused by the detector's own validation.
     """
-    if spec.name.startswith("xaiadv:"):
-        from xaiadv.bridge import art as bridge_art
-
-        cls = getattr(bridge_art, spec.name.partition(":")[2])
-        check_parameter_names(spec.name, spec.params, {**cls.plugin_params, **cls.calibration_params})
-        blame_refusal(spec.name, spec.params, lambda chosen: cls(classifier, **chosen))
-    else:
-        _peer_layer(spec, classifier)
+    cls = detector_registry()[spec.name]
+    if is_trained_peer(spec.name):
+        cls.check(spec, classifier)
+        return
+    check_parameter_names(spec.name, spec.params, {**cls.plugin_params, **cls.calibration_params})
+    blame_refusal(spec.name, spec.params, lambda chosen: cls(classifier, **chosen))
 
 
-def _peer_layer(spec: DetectorSpec, classifier: Any) -> str | None:
-    """Check a peer's parameters; the layer BinaryActivationDetector reads (default the second to last)."""
-    check_parameter_names(spec.name, spec.params, PEER_PARAMS[spec.name])
-    epochs = spec.params.get("epochs", PEER_EPOCHS)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ParameterError("epochs", f"expected an integer > 0, got {epochs!r}")
-    if spec.name != "art:BinaryActivationDetector":
-        return None
-    layer = spec.params.get("layer", classifier.layer_names[-2])
-    if layer not in classifier.layer_names:
-        raise ParameterError(
-            "layer",
-            f"{spec.name} refused it (ValueError: {layer!r} is not a layer of the model; its layers: "
-            f"{', '.join(classifier.layer_names)})",
-        )
-    return layer
+def _device_type(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+# -------------------------------------------------------------------------------------------------
+# fitting and scoring
 
 
 def fit_detector(
@@ -101,7 +190,6 @@ def fit_detector(
     y_fit: np.ndarray,
     *,
     x_calibration: np.ndarray | None = None,
-    n_classes: int,
     batch_size: int,
     device: torch.device,
     seed: int,
@@ -111,9 +199,9 @@ def fit_detector(
     Ours set their threshold on ``x_calibration`` (clean images of another split) when given, else on a
     held-out share of ``x_fit``; ART's peers decide by their own network's argmax.
     """
-    if spec.name.startswith("xaiadv:"):
-        return _fit_ours(spec, model, x_fit, y_fit, x_calibration, n_classes, batch_size, device)
-    return _fit_peer(spec, model, x_fit, y_fit, n_classes, batch_size, device, seed)
+    if is_trained_peer(spec.name):
+        return _fit_peer(spec, model, x_fit, y_fit, batch_size, device, seed)
+    return _fit_ours(spec, model, x_fit, y_fit, x_calibration, batch_size, device)
 
 
 def _fit_ours(
@@ -122,14 +210,11 @@ def _fit_ours(
     x_fit: np.ndarray,
     y_fit: np.ndarray,
     x_calibration: np.ndarray | None,
-    n_classes: int,
     batch_size: int,
     device: torch.device,
 ) -> Detect:
-    from xaiadv.bridge import art as bridge_art
-
-    classifier = art_classifier(model, x_fit.shape[1:], n_classes, device)
-    detector = getattr(bridge_art, spec.name.partition(":")[2])(classifier, **spec.params)
+    classifier = art_classifier(model, x_fit.shape[1:], BOUNDS, None, _device_type(device))
+    detector = detector_registry()[spec.name](classifier, **spec.params)
     detector.fit(x_fit, y_fit, batch_size=batch_size, x_calibration=x_calibration)
 
     def detect(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +229,6 @@ def _fit_peer(
     model: nn.Module,
     x_fit: np.ndarray,
     y_fit: np.ndarray,
-    n_classes: int,
     batch_size: int,
     device: torch.device,
     seed: int,
@@ -153,11 +237,9 @@ def _fit_peer(
 
     The peer gets its own copy of the model: ART's ``get_activations`` leaves a forward hook on it.
     """
-    from art.defences.detector.evasion import BinaryActivationDetector, BinaryInputDetector
-
     n_train = min(spec.train_samples, len(x_fit))
     x_clean, y_clean = x_fit[:n_train], y_fit[:n_train]
-    attack = build_attack(spec.train_attack, model=model, bounds=(0.0, 1.0), **spec.train_params)
+    attack = build_attack(spec.train_attack, model=model, bounds=BOUNDS, **spec.train_params)
     x_adv = np.concatenate(
         [
             attack(torch.as_tensor(x_clean[i : i + batch_size]), torch.as_tensor(y_clean[i : i + batch_size]))
@@ -170,16 +252,9 @@ def _fit_peer(
     x_train = np.concatenate([x_clean, x_adv]).astype(np.float32)
     y_train = np.eye(2, dtype=np.float32)[np.repeat([0, 1], n_train)]
     own_model = copy.deepcopy(model)
-    classifier = art_classifier(own_model, x_fit.shape[1:], n_classes, device)
+    classifier = art_classifier(own_model, x_fit.shape[1:], BOUNDS, None, _device_type(device))
     torch.manual_seed(seed)
-    if spec.name == "art:BinaryInputDetector":
-        network = _input_detector_network(x_fit.shape[1:])
-        detector = BinaryInputDetector(_binary_classifier(network, x_fit.shape[1:], device))
-    else:
-        layer = _peer_layer(spec, classifier)
-        width = int(np.prod(classifier.get_activations(x_fit[:1], layer, 1).shape[1:]))
-        network = nn.Sequential(nn.Flatten(), nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 2))
-        detector = BinaryActivationDetector(classifier, _binary_classifier(network, (width,), device), layer)
+    detector = detector_registry()[spec.name].build(spec, classifier, x_fit.shape[1:])
     epochs = int(spec.params.get("epochs", PEER_EPOCHS))
     detector.fit(x_train, y_train, nb_epochs=epochs, batch_size=batch_size)
 
@@ -204,7 +279,8 @@ def _input_detector_network(input_shape: tuple[int, ...]) -> nn.Module:
     )
 
 
-def _binary_classifier(network: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> Any:
+def _binary_classifier(network: nn.Module, input_shape: tuple[int, ...], beside: Any) -> Any:
+    """ART's trainable classifier of a peer's own network (with its optimizer), on ``beside``'s device."""
     from art.estimators.classification import PyTorchClassifier
 
     return PyTorchClassifier(
@@ -213,7 +289,7 @@ def _binary_classifier(network: nn.Module, input_shape: tuple[int, ...], device:
         optimizer=torch.optim.Adam(network.parameters(), lr=PEER_LR),
         input_shape=tuple(input_shape),
         nb_classes=2,
-        device_type="gpu" if device.type == "cuda" else "cpu",
+        device_type="gpu" if beside.device.type == "cuda" else "cpu",
     )
 
 
@@ -238,3 +314,107 @@ def separation(
         "threshold_tpr": own_tpr,
         "roc": {"fpr": fpr, "tpr": tpr},
     }
+
+
+# -------------------------------------------------------------------------------------------------
+# the study: one cell per detector
+
+
+@dataclass(frozen=True)
+class CleanSplits:
+    """The clean images a detector learns from: the fitting subset of the training split, and the test
+    images after the evaluated sample that set our detectors' thresholds (none: a held-out share)."""
+
+    x_fit: np.ndarray
+    y_fit: np.ndarray
+    x_calibration: np.ndarray
+
+    @classmethod
+    def of(cls, run: Run) -> CleanSplits:
+        config = run.config
+        fit = training_subset(run.data, config.fit_samples, config.seed)
+        x_calibration = run.data.x_test[config.samples : config.samples + config.calibration_samples]
+        return cls(fit.x_train, fit.y_train, x_calibration)
+
+
+@studies.register("xaiadv:DetectorStudy")
+@dataclass(frozen=True)
+class DetectorStudy(Study):
+    """Each of the run's detectors fitted once and scored against every finished attack: one cell each.
+
+    A detector's cell is keyed by its spec, the clean splits' sizes and the keys of the attack cells it
+    scores, so it is recomputed when any of them changes.
+    """
+
+    def cell_count(self, config: RunConfig) -> int:
+        return len(config.detectors)
+
+    def run(self, run: Run) -> None:
+        if not run.config.detectors:
+            return
+        done = [label for label, cell in run.attacks.items() if cell["status"] == "done"]
+        splits = CleanSplits.of(run)
+        for spec in tqdm(run.config.detectors, desc="detectors", disable=not run.progress):
+            key = run.key(
+                dataclasses.asdict(spec),
+                run.config.fit_samples,
+                len(splits.x_calibration),
+                {label: run.attacks[label]["key"] for label in done},
+            )
+            run.cell(
+                "detector",
+                spec.label,
+                key,
+                lambda spec=spec: run_detector_cell(spec, run, splits, done),
+                about={"name": spec.name},
+            )
+
+
+def run_detector_cell(
+    spec: DetectorSpec, run: Run, splits: CleanSplits, attack_labels: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Fit one detector and score the clean sample and each attack's successes: (cell, its arrays)."""
+    config, sample = run.config, run.sample
+    detect = fit_detector(
+        spec,
+        run.model,
+        splits.x_fit,
+        splits.y_fit,
+        x_calibration=splits.x_calibration if len(splits.x_calibration) else None,
+        batch_size=config.batch_size,
+        device=run.device,
+        seed=config.seed,
+    )
+    correct = sample.initially_correct
+    clean_scores, clean_flags = detect(sample.x.numpy())
+    rows = {
+        "authentic errors": separation(
+            clean_scores[correct], clean_scores[~correct], clean_flags[correct], clean_flags[~correct]
+        )
+    }
+    arrays = {"clean_scores": clean_scores}
+    for label in attack_labels:
+        attack_arrays = run.directory.load_arrays("attack", label)
+        successful = attack_arrays["successful"]
+        n = len(successful)  # an attack capped at fewer samples is compared with its own clean rows
+        scores, flags = (
+            detect(attack_arrays["x_adv"][successful])
+            if successful.any()
+            else (np.zeros(0), np.zeros(0, bool))
+        )
+        rows[label] = separation(clean_scores[:n][correct[:n]], scores, clean_flags[:n][correct[:n]], flags)
+        arrays[f"scores_{run.directory.cell_path('attack', label).stem}"] = scores
+    n_fit = len(splits.x_fit)
+    cell = {
+        "kind": "detector",
+        "label": spec.label,
+        "name": spec.name,
+        "params": dict(spec.params),
+        "train_attack": spec.train_attack,
+        "status": "done",
+        "n_fit": min(spec.train_samples, n_fit) if spec.train_attack else n_fit,
+        "n_calibration": None if spec.train_attack else len(splits.x_calibration),
+        "clean_fpr": float(clean_flags[correct].mean()) if correct.any() else None,
+        "rows": rows,
+    }
+    return cell, arrays

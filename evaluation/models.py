@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.torch
@@ -37,8 +37,12 @@ from tqdm.auto import tqdm
 from xaiadv.evaluation.data import DATASETS, Dataset, class_names, load_dataset
 from xaiadv.plugins.storage import atomic_write
 
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
 __all__ = [
     "SCHEMA_VERSION",
+    "LoadedModel",
     "TrainConfig",
     "TrainedModel",
     "dataset_input_shape",
@@ -46,6 +50,7 @@ __all__ = [
     "import_factory",
     "load_model",
     "load_or_train",
+    "load_run_model",
     "reference_cnn",
     "save_model",
     "train_reference_model",
@@ -399,6 +404,56 @@ def _import_from(module_name: str, folder: Path, factory: str) -> ModuleType:
             ) from error
     finally:
         sys.path.remove(entry)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A run's model in eval mode on its device, what results.json says of it, and its weights' digest
+    (16 hex digits of the sha256 of its state dict, part of every cell's resume key)."""
+
+    model: nn.Module
+    description: dict[str, Any]
+    digest: str
+
+
+def load_run_model(spec: ModelSpec, *, dataset: str, folder: Path, device: torch.device) -> LoadedModel:
+    """The model a run config's ``[model]`` names: the cached reference CNN for ``dataset`` (trained on
+    first use), or the user's checkpoint loaded into their factory's module (looked for in ``folder``)."""
+    if spec.checkpoint is None:
+        train = TrainConfig(
+            dataset=dataset, epochs=spec.epochs, max_train=spec.max_train, width=spec.width, seed=spec.seed
+        )
+        trained = load_or_train(train, device=device)
+        model = trained.model
+        description = {"kind": "reference", "train": train.to_dict(), "test_accuracy": trained.test_accuracy}
+    else:
+        model = _checkpoint_model(spec, folder)
+        description = {"kind": "checkpoint", "checkpoint": spec.checkpoint, "factory": spec.factory}
+    model = model.to(device).eval()
+    digest = hashlib.sha256(
+        safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    ).hexdigest()[:16]
+    return LoadedModel(model, {**description, "sha256": digest}, digest)
+
+
+def _checkpoint_model(spec: ModelSpec, folder: Path) -> nn.Module:
+    """``factory(**factory_kwargs)`` with the checkpoint's state dict; errors name the key at fault."""
+    try:
+        factory = import_factory(spec.factory, folder)
+    except ValueError as error:
+        raise ValueError(f"model.factory: {error}") from error
+    model = factory(**spec.factory_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model.factory: {spec.factory!r} returned {type(model).__name__}, not a torch module"
+        )
+    try:
+        model.load_state_dict(safetensors.torch.load_file(spec.checkpoint))
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"model.checkpoint: cannot load {spec.checkpoint!r} into {spec.factory} ({error})"
+        ) from error
+    return model
 
 
 def dataset_input_shape(name: str) -> tuple[int, int, int]:

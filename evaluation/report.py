@@ -131,8 +131,9 @@ def _header(results: dict[str, Any]) -> str:
         status = f"INCOMPLETE: {len(failed)} cell(s) failed (their errors are below); rerun to retry them"
     else:
         status = "INCOMPLETE: interrupted or still running; rerun to finish"
+    name = results.get("config", {}).get("name")
     lines = [
-        "# xaiadv evaluation report",
+        "# xaiadv evaluation report" + (f": {name}" if name else ""),
         "",
         f"Status: **{status}**.",
         "",

@@ -64,7 +64,7 @@ def build_config(args: argparse.Namespace) -> dict:
         ],
         "detectors": [
             {
-                "name": "xaiadv:IDefender",
+                "name": "xaiadv:IDefenderDetector",
                 "label": "I-defender ID-95",
                 "params": {"keep": 0.95, "n_components": 2},
             },

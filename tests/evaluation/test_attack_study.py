@@ -11,6 +11,7 @@ from torch import nn
 
 from xaiadv.evaluation import attack_study
 from xaiadv.evaluation.attack_study import Sample, attack_warnings, equal_asr_table
+from xaiadv.evaluation.config import AttackSpec
 from xaiadv.plugins.checks import looks_like_probabilities
 
 
@@ -102,7 +103,7 @@ def test_a_cell_says_why_its_figures_are_null(digits_cnn: nn.Module) -> None:
     x = torch.zeros(3, 1, 8, 8)
     logits = attack_study.predict(digits_cnn, x, 8, torch.device("cpu"))
     sample = Sample(x, torch.as_tensor(logits.argmax(1)), logits.argmax(1), attack_study.softmax(logits))
-    spec = attack_study.AttackSpec("xaiadv:LRPGrad", "one tiny step", {"eps": 1e-6, "max_iter": 1})
+    spec = AttackSpec("xaiadv:LRPGrad", "one tiny step", {"eps": 1e-6, "max_iter": 1})
     cell, _ = attack_study.run_attack_cell(spec, digits_cnn, sample, batch_size=8, device=torch.device("cpu"))
     assert cell["asr"] == 0.0 and cell["norms"]["L1"]["median"] is None
     assert cell["undefined"] == {"norms": "no sample succeeded", "confidence": "no sample succeeded"}

@@ -16,8 +16,10 @@ from xaiadv.bridge.registry import available_attacks
 from xaiadv.evaluation import bench, demo, run
 from xaiadv.evaluation.bench import BenchRow
 from xaiadv.evaluation.cli import format_table, main
-from xaiadv.evaluation.config import DETECTORS, STUDIES, AttackSpec, ModelSpec, RunConfig
+from xaiadv.evaluation.config import AttackSpec, ModelSpec, RunConfig
+from xaiadv.evaluation.detector_study import detector_registry
 from xaiadv.evaluation.models import TrainConfig, load_model
+from xaiadv.evaluation.studies import default_studies, study_registry
 
 NAME_LINE = re.compile(r"^(xaiadv|art|foolbox|torchattacks):[A-Za-z0-9_]+$")
 #: The demo config cut to two short attacks, no detector and a tiny model, so `xaiadv demo` runs in seconds.
@@ -42,7 +44,9 @@ def fast_demo(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
 
     def fast(config: RunConfig, **kwargs: object) -> run.RunResult:
         configs.append(config)
-        cut = dataclasses.replace(config, attacks=FAST_ATTACKS, detectors=(), model=TINY, equal_asr=())
+        cut = dataclasses.replace(
+            config, attacks=FAST_ATTACKS, detectors=(), model=TINY, studies=default_studies()
+        )
         return run.run_evaluation(cut, **kwargs)
 
     monkeypatch.setattr(demo, "run_evaluation", fast)
@@ -67,7 +71,8 @@ def test_list_flat_prints_every_attack_detector_and_study_one_per_line(
 ) -> None:
     assert main(["list", "--flat"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == available_attacks() + list(DETECTORS) + list(STUDIES)
+    assert lines == available_attacks() + sorted(detector_registry()) + sorted(study_registry())
+    assert {"xaiadv:IDefenderDetector", "art:BinaryActivationDetector", "xaiadv:DetectorStudy"} <= set(lines)
     assert {"xaiadv:LRPGrad", "art:BasicIterativeMethod", "xaiadv:LRPFlip"} <= set(lines)
     assert {line.partition(":")[0] for line in lines} == {"xaiadv", "art", "foolbox", "torchattacks"}
     assert all(NAME_LINE.match(line) for line in lines), [line for line in lines if not NAME_LINE.match(line)]
@@ -79,7 +84,7 @@ def test_list_source_filters(capsys: pytest.CaptureFixture[str]) -> None:
     assert "xaiadv:LRPGrad" in lines
     assert lines and all(line.startswith("xaiadv:") for line in lines)
     assert lines == available_attacks("xaiadv") + [
-        n for n in (*DETECTORS, *STUDIES) if n.startswith("xaiadv:")
+        n for n in (*sorted(detector_registry()), *sorted(study_registry())) if n.startswith("xaiadv:")
     ]
 
 
@@ -124,7 +129,9 @@ def test_demo_runs_the_builtin_config_and_prints_the_summary(
     assert main(["demo", "--dataset", "digits", "--samples", "20", "--output", str(output)]) == 0
     (config,) = fast_demo
     assert (config.dataset, config.samples, config.output) == ("digits", 20, str(output))
-    assert len(config.attacks) >= 12 and len(config.detectors) == len(DETECTORS) + 1  # I-defender twice
+    assert (
+        len(config.attacks) >= 12 and len(config.detectors) == len(detector_registry()) + 1
+    )  # I-defender twice
     captured = capsys.readouterr()
     assert "WARNING" not in captured.err
     assert re.search(r"^digits: 20 test images, \d+ initially correct$", captured.out, re.MULTILINE)
@@ -158,7 +165,7 @@ def test_demo_says_when_it_fell_back_to_digits(
     [
         (
             ["demo", "--samples", "0"],
-            "evaluation/demo.toml: data.samples: expected an integer > 0, got 0",
+            "evaluation/demo.toml: data.samples must be an int > 0; got 0",
         ),
         (
             ["train", "--dataset", "digits", "--epochs", "0"],
@@ -284,5 +291,5 @@ def test_console_script_list_runs(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert "xaiadv:LRPGrad" in lines
     assert lines == available_attacks("xaiadv") + [
-        n for n in (*DETECTORS, *STUDIES) if n.startswith("xaiadv:")
+        n for n in (*sorted(detector_registry()), *sorted(study_registry())) if n.startswith("xaiadv:")
     ]

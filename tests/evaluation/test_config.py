@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xaiadv.evaluation.config import DEMO_CONFIG, DETECTORS, ConfigError, load_config, parse_config
+from xaiadv.evaluation.attack_study import AttackStudy
+from xaiadv.evaluation.config import (
+    DEMO_CONFIG,
+    AttackSpec,
+    ConfigError,
+    DetectorSpec,
+    ModelSpec,
+    RunConfig,
+    load_config,
+    parse_config,
+)
+from xaiadv.evaluation.detector_study import DetectorStudy, detector_registry
 
 MINIMAL: dict[str, Any] = {
     "output": "runs/x",
@@ -46,8 +58,11 @@ def test_the_demo_config_parses_with_its_documented_defaults() -> None:
     names = {attack.name for attack in config.attacks}
     assert {"art:FastGradientMethod", "art:CarliniL2Method", "art:PixelAttack"} <= names
     assert {"foolbox:LinfPGD", "foolbox:SparseL1DescentAttack", "torchattacks:PGD"} <= names
-    assert {detector.name for detector in config.detectors} == set(DETECTORS)
-    assert config.source == str(DEMO_CONFIG)
+    assert {detector.name for detector in config.detectors} == set(detector_registry())
+    assert config.source == str(DEMO_CONFIG) and config.name == "demo"
+    attack_study, detector_study = config.studies
+    assert isinstance(attack_study, AttackStudy) and isinstance(detector_study, DetectorStudy)
+    assert "LRP-grad" in attack_study.equal_asr and "LRP-mean" not in attack_study.equal_asr
 
 
 def test_the_quick_config_parses() -> None:
@@ -66,8 +81,20 @@ def test_defaults_and_labels() -> None:
     assert config.attacks[0].label == "xaiadv:LRPGrad"
     assert config.attacks[0].params == {"eps": 0.1}
     assert config.seed == 0 and config.device == "cpu" and config.batch_size == 128
-    assert config.studies == ("xaiadv:AttackStudy", "xaiadv:DetectorStudy")
+    assert config.studies == (AttackStudy(equal_asr=()), DetectorStudy())
+    assert [study.name for study in config.studies] == ["xaiadv:AttackStudy", "xaiadv:DetectorStudy"]
     assert config.model.checkpoint is None and config.model.epochs == 2
+    assert config.name is None
+
+
+def test_the_defaults_are_the_dataclasses_own() -> None:
+    """parse_config maps only the keys given: what is left out is the dataclass field's default."""
+    config = parse_config(MINIMAL)
+    defaults = RunConfig("digits", 10, "runs/x", (AttackSpec("xaiadv:LRPGrad", params={"eps": 0.1}),))
+    assert config == dataclasses.replace(defaults, folder=config.folder)
+    assert config.model == ModelSpec() and config.fit_samples == 10_000
+    detector = parse_config({**MINIMAL, "detectors": [{"name": "xaiadv:KNNDetector"}]}).detectors[0]
+    assert detector == DetectorSpec("xaiadv:KNNDetector") and detector.label == "xaiadv:KNNDetector"
 
 
 def test_overrides_replace_top_level_keys(tmp_path: Path) -> None:
@@ -75,31 +102,103 @@ def test_overrides_replace_top_level_keys(tmp_path: Path) -> None:
     assert config.output == str(tmp_path / "elsewhere")
 
 
-def test_studies_can_be_switched_off() -> None:
-    config = parse_config(_with("studies", {"detectors": False}))
-    assert config.studies == ("xaiadv:AttackStudy",)
+def test_studies_are_named_in_their_own_entries_with_their_parameters() -> None:
+    config = parse_config(_with("studies", [{"name": "xaiadv:AttackStudy", "equal_asr": ["xaiadv:LRPGrad"]}]))
+    assert config.studies == (AttackStudy(equal_asr=("xaiadv:LRPGrad",)),)
+    assert config.to_dict()["studies"] == [{"name": "xaiadv:AttackStudy", "equal_asr": ("xaiadv:LRPGrad",)}]
+    assert parse_config(_with("studies", [])).studies == ()
+
+
+def test_the_old_studies_table_says_the_new_form() -> None:
+    with pytest.raises(ConfigError, match=r"cfg.toml: studies: the \[studies\] table is gone") as error:
+        parse_config(_with("studies", {"detectors": False, "equal_asr": []}), source="cfg.toml")
+    assert '[[studies]] name = "xaiadv:AttackStudy" equal_asr = [...]' in str(error.value)
+
+
+def test_a_run_name_is_kept() -> None:
+    config = parse_config(_with("name", "nightly"))
+    assert config.name == "nightly" and config.to_dict()["name"] == "nightly"
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: RunConfig("digits", 0, "out", (AttackSpec("xaiadv:LRPGrad"),)),
+            r"^<dict>: data.samples must be an int > 0; got 0$",
+        ),
+        (
+            lambda: RunConfig(
+                "digits", 5, "out", (AttackSpec("xaiadv:LRPGrad"),), device="tpu", source="s.toml"
+            ),
+            r"^s.toml: device must be one of 'cpu', 'cuda'; got 'tpu'$",
+        ),
+        (lambda: RunConfig("digits", 5, "out", ()), r"^<dict>: attacks: a run needs at least one$"),
+        (
+            lambda: RunConfig(
+                "digits",
+                5,
+                "out",
+                (AttackSpec("xaiadv:LRPGrad"),),
+                studies=(AttackStudy(equal_asr=("PGD",)),),
+            ),
+            r"^<dict>: studies\[0\].equal_asr: \['PGD'\] are not attack labels of this run; "
+            r"valid: xaiadv:LRPGrad$",
+        ),
+        (
+            lambda: RunConfig(
+                "digits", 5, "out", (AttackSpec("xaiadv:LRPGrad"),), studies=(DetectorStudy(),) * 2
+            ),
+            r"^<dict>: studies: each study once; repeated: \['xaiadv:DetectorStudy'\]$",
+        ),
+        (lambda: AttackSpec("xaiadv:LRPGrad", samples=0), r"^samples must be an int > 0; got 0$"),
+        (lambda: AttackSpec("xaiadv:LRPGrad", label=""), r"^label: expected a non-empty string, got ''$"),
+        (
+            lambda: DetectorSpec("xaiadv:KNNDetector", train_samples=True),
+            r"^train_samples must be an int > 0",
+        ),
+        (lambda: ModelSpec(max_train=0), r"^max_train must be an int > 0; got 0$"),
+        (lambda: AttackStudy(equal_asr="LRP"), r"^equal_asr: expected a list of attack labels, got 'LRP'$"),
+    ],
+    ids=[
+        "samples",
+        "device",
+        "no-attacks",
+        "equal-asr",
+        "study-twice",
+        "attack",
+        "label",
+        "detector",
+        "model",
+        "study",
+    ],
+)
+def test_the_dataclasses_validate_themselves_when_built_in_python(build: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (_with("colour", "red"), r"cfg.toml: unknown key\(s\) colour"),
-        (_with("data.dataset", "imagenet"), r"cfg.toml: data.dataset: expected one of"),
-        (_with("data.samples", 0), r"cfg.toml: data.samples: expected an integer > 0, got 0"),
-        (_with("data.samples", True), r"data.samples: expected an integer > 0, got True"),
+        (_with("data.dataset", "imagenet"), r"cfg.toml: data.dataset must be one of \'digits\'"),
+        (_with("data.samples", 0), r"cfg.toml: data.samples must be an int > 0; got 0"),
+        (_with("data.samples", True), r"data.samples must be an int > 0; got True"),
         (_with("data.extra", 1), r"unknown key\(s\) data.extra"),
-        (_with("seed", -1), r"cfg.toml: seed: expected an integer >= 0"),
-        (_with("device", "tpu"), r"cfg.toml: device: expected one of cpu, cuda"),
+        (_with("seed", -1), r"cfg.toml: seed must be an int >= 0; got -1"),
+        (_with("device", "tpu"), r"cfg.toml: device must be one of \'cpu\', \'cuda\'; got \'tpu\'"),
         (
             _with("attacks.0.name", "art:NoSuchAttack"),
             r"attacks\[0\].name: unknown attack 'art:NoSuchAttack'; valid",
         ),
-        (_with("attacks.0.samples", -3), r"attacks\[0\].samples: expected an integer > 0"),
-        (_with("attacks.0.params", 3), r"attacks\[0\].params: expected a table"),
+        (_with("attacks.0.samples", -3), r"cfg.toml: attacks\[0\].samples must be an int > 0; got -3"),
+        (_with("attacks.0.params", 3), r"cfg.toml: attacks\[0\].params: expected a table, got 3"),
         (_with("attacks", []), r"attacks: expected an array of tables"),
         (
             _with("detectors", [{"name": "xaiadv:Nope"}]),
-            r"detectors\[0\].name: expected one of xaiadv:Spatial",
+            r"cfg.toml: detectors\[0\].name: unknown detector 'xaiadv:Nope'; valid names: "
+            r".*xaiadv:SpatialEntropyDetector",
         ),
         (
             _with("detectors", [{"name": "art:BinaryInputDetector"}]),
@@ -113,17 +212,45 @@ def test_studies_can_be_switched_off() -> None:
             _with("attacks", [{"name": "xaiadv:LRPGrad"}, {"name": "xaiadv:LRPGrad"}]),
             r"attacks: labels must be unique; repeated: \['xaiadv:LRPGrad'\]",
         ),
-        (_with("model.checkpoint", "w.safetensors"), r"model.checkpoint and model.factory go together"),
+        (_with("model.checkpoint", "w.safetensors"), r"cfg.toml: model.checkpoint and factory go together"),
         (
             _with("model", {"checkpoint": "w.safetensors", "factory": "nocolon"}),
             r"model.factory: expected 'package.module:callable'",
         ),
-        (_with("studies.attacks", "yes"), r"studies.attacks: expected true or false"),
-        (_with("studies.equal_asr", "LRP"), r"studies.equal_asr: expected a list of attack labels"),
         (
-            _with("studies.equal_asr", ["nope"]),
-            r"studies.equal_asr: \['nope'\] are not attack labels of this run; valid: xaiadv:LRPGrad",
+            _with("studies", [{"name": "xaiadv:AttackStudy", "equal_asr": "LRP"}]),
+            r"cfg.toml: studies\[0\].equal_asr: expected a list of attack labels, got 'LRP'",
         ),
+        (
+            _with("studies", [{"name": "xaiadv:AttackStudy", "equal_asr": ["nope"]}]),
+            r"cfg.toml: studies\[0\].equal_asr: \['nope'\] are not attack labels of this run; valid: "
+            r"xaiadv:LRPGrad",
+        ),
+        (
+            _with("studies", [{"name": "xaiadv:DetectorStudy"}, {"name": "xaiadv:AttackStudi"}]),
+            r"cfg.toml: studies\[1\].name: unknown study 'xaiadv:AttackStudi'; valid names: .*; "
+            r"did you mean 'xaiadv:AttackStudy'\?",
+        ),
+        (
+            _with("studies", [{"name": "xaiadv:AttackStudy", "equal_asrs": []}]),
+            r"cfg.toml: unknown key\(s\) studies\[0\].equal_asrs; valid: studies\[0\].equal_asr, "
+            r"studies\[0\].name",
+        ),
+        (_with("studies", [{"equal_asr": []}]), r"cfg.toml: missing key studies\[0\].name"),
+        (_with("studies", ["xaiadv:AttackStudy"]), r"cfg.toml: studies\[0\]: expected a table"),
+        (
+            _with("studies", [{"name": "xaiadv:DetectorStudy"}, {"name": "xaiadv:DetectorStudy"}]),
+            r"cfg.toml: studies: each study once; repeated: \['xaiadv:DetectorStudy'\]",
+        ),
+        (
+            _with("detectors", [{"name": "xaiadv:IDefender"}]),
+            r"cfg.toml: detectors\[0\].name: unknown detector 'xaiadv:IDefender'; valid names: .*; "
+            r"did you mean 'xaiadv:IDefenderDetector'\?",
+        ),
+        (_with("name", ""), r"cfg.toml: name: expected a non-empty string, got ''"),
+        (_with("attacks.0.label", 3), r"cfg.toml: attacks\[0\].label: expected a non-empty string, got 3"),
+        (_with("attacks.0.extra", 3), r"cfg.toml: unknown key\(s\) attacks\[0\].extra"),
+        (_with("model.width", 0), r"cfg.toml: model.width must be an int > 0; got 0"),
         ({k: v for k, v in MINIMAL.items() if k != "data"}, r"cfg.toml: missing table \[data\]"),
         ({k: v for k, v in MINIMAL.items() if k != "attacks"}, r"cfg.toml: missing \[\[attacks\]\]"),
         ({k: v for k, v in MINIMAL.items() if k != "output"}, r"cfg.toml: missing key output"),
@@ -267,8 +394,9 @@ def test_valid_library_params_pass_including_arts_string_norm() -> None:
             r"xaiadv:KNNDetector; did you mean 'k'\?",
         ),
         (
-            {"name": "xaiadv:IDefender", "label": "ID", "params": {"keep": 1.5}},
-            r"detectors\[1\] \(label \"ID\"\): params.keep: xaiadv:IDefender refused it \(ValueError: ",
+            {"name": "xaiadv:IDefenderDetector", "label": "ID", "params": {"keep": 1.5}},
+            r"detectors\[1\] \(label \"ID\"\): params.keep: xaiadv:IDefenderDetector refused it "
+            r"\(ValueError: ",
         ),
         (
             {"name": "xaiadv:SpatialEntropyDetector", "label": "SE", "params": {"layer": "features.9"}},

@@ -63,7 +63,6 @@ def test_every_demo_detector_fits_and_scores(spec: Any, digits_cnn: nn.Module, d
         digits_cnn,
         digits.x_train[:400].numpy(),
         digits.y_train[:400].numpy(),
-        n_classes=10,
         batch_size=64,
         device=torch.device("cpu"),
         seed=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -15,15 +16,17 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from xaiadv.evaluation import attack_study, run
+from xaiadv.evaluation import attack_study, detector_study, run
 from xaiadv.evaluation.cli import main
 from xaiadv.evaluation.config import load_config
+from xaiadv.evaluation.models import load_run_model
 from xaiadv.evaluation.report import ATTACK_HEADER, render_report
 from xaiadv.evaluation.run import run_evaluation
-from xaiadv.evaluation.rundir import slug
+from xaiadv.evaluation.rundir import key_of, slug
 
 STEPS = 5
 CONFIG = f"""
+name = "tiny digits"
 seed = 0
 batch_size = 64
 
@@ -107,7 +110,7 @@ def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> Non
         assert cell["norms"]["Linf"]["median"] <= 0.25 + 1e-6
         assert cell["undefined"] == {}  # every figure defined
     report = finished.report.read_text()
-    assert report.startswith("# xaiadv evaluation report\n\nStatus: **complete**")
+    assert report.startswith("# xaiadv evaluation report: tiny digits\n\nStatus: **complete**")
     header = "| " + " | ".join(ATTACK_HEADER) + " |"
     table = report.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == list(results["attacks"])
@@ -195,8 +198,25 @@ def test_a_rerun_reuses_finished_cells_and_an_interrupted_run_never_claims_compl
     assert result.results["complete"] is True
 
     calls.clear()
-    run_evaluation(config)
-    assert calls == []
+    monkeypatch.setattr(detector_study, "fit_detector", lambda *a, **k: pytest.fail("detector refitted"))
+    again = run_evaluation(config)
+    assert calls == []  # attack and detector cells reused
+    assert again.results["detectors"] == result.results["detectors"]
+
+
+def test_resume_keys_are_those_existing_run_folders_hold(finished: run.RunResult) -> None:
+    """A cell's key: the run's base (data, sample, seed, weights, batch size) and the cell's own parts."""
+    config = load_config(write_config(finished.directory.parent, finished.directory))
+    digest = finished.results["model"]["sha256"]
+    base = key_of("digits", "digits", 40, 0, digest, 64)
+    attack_keys = {}
+    for spec in config.attacks:
+        saved = json.loads((finished.directory / "cells" / f"attack-{slug(spec.label)}.json").read_text())
+        attack_keys[spec.label] = key_of(base, dataclasses.asdict(spec))
+        assert saved["key"] == attack_keys[spec.label], spec.label
+    (detector,) = config.detectors
+    saved = json.loads((finished.directory / "cells" / f"detector-{slug('kNN')}.json").read_text())
+    assert saved["key"] == key_of(base, dataclasses.asdict(detector), 400, 450 - 40, attack_keys)
 
 
 def _strict_json(path: Path) -> dict[str, Any]:
@@ -248,7 +268,7 @@ def test_a_detector_that_raises_is_a_failed_cell(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("no features")
 
-    monkeypatch.setattr(run.detector_study, "fit_detector", broken)
+    monkeypatch.setattr(detector_study, "fit_detector", broken)
     result = run_evaluation(load_config(write_config(tmp_path, tmp_path / "out")))
     assert result.results["complete"] is False
     assert result.failed_cells == [{"kind": "detector", "label": "kNN", "error": "ValueError: no features"}]
@@ -357,7 +377,7 @@ def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[
     names = capsys.readouterr().out.splitlines()
     assert {"xaiadv:LRPGrad", "art:DeepFool", "foolbox:LinfPGD", "torchattacks:PGD"} <= set(names)
     assert {
-        "xaiadv:IDefender",
+        "xaiadv:IDefenderDetector",
         "art:BinaryInputDetector",
         "xaiadv:AttackStudy",
         "xaiadv:DetectorStudy",
@@ -366,6 +386,13 @@ def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[
     assert main(["list", "--flat", "--source", "art"]) == 0
     art = capsys.readouterr().out.splitlines()
     assert "art:BinaryActivationDetector" in art and all(name.startswith("art:") for name in art)
+
+
+def _load(config: Any) -> Any:
+    """The model a run of ``config`` attacks, loaded as the run loads it."""
+    return load_run_model(
+        config.model, dataset="digits", folder=Path(config.folder), device=torch.device("cpu")
+    )
 
 
 def test_a_users_checkpoint_and_factory_are_loaded(cache: Path, tmp_path: Path) -> None:
@@ -382,21 +409,17 @@ def test_a_users_checkpoint_and_factory_are_loaded(cache: Path, tmp_path: Path) 
         "factory_kwargs = { input_shape = [1, 8, 8], num_classes = 10, width = 4 }\n",
     )
     config = load_config(write_config(tmp_path, tmp_path / "out", body))
-    loaded = run.load_model(config, run.load_dataset("digits"), torch.device("cpu"))
+    loaded = _load(config)
     assert loaded.description["kind"] == "checkpoint"
     x = torch.rand(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model.eval()(x))
     broken = body.replace("width = 4 }", "width = 8 }")  # weights that do not fit the module
     with pytest.raises(ValueError, match=r"model.checkpoint: cannot load .*weights.safetensors"):
-        run.load_model(
-            load_config(write_config(tmp_path, tmp_path / "out", broken)), None, torch.device("cpu")
-        )
+        _load(load_config(write_config(tmp_path, tmp_path / "out", broken)))
     missing = body.replace("models:reference_cnn", "models:no_such_factory")
     with pytest.raises(ValueError, match=r"model.factory: cannot import 'xaiadv.evaluation.models:no_such"):
-        run.load_model(
-            load_config(write_config(tmp_path, tmp_path / "out", missing)), None, torch.device("cpu")
-        )
+        _load(load_config(write_config(tmp_path, tmp_path / "out", missing)))
 
 
 USER_MODULE = """
@@ -455,7 +478,7 @@ def test_a_factory_module_and_a_relative_checkpoint_beside_the_toml_load_from_el
     config = load_config(Path("..") / "project" / "run.toml")
     assert sys.path == path_before  # the config's folder was searched, not added for good
     assert config.model.checkpoint == str(project / "weights.safetensors")
-    loaded = run.load_model(config, None, torch.device("cpu"))
+    loaded = _load(config)
     x = torch.rand(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), saved(x))
