@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ def test_the_demo_config_parses_with_its_documented_defaults() -> None:
     attack_study, detector_study = config.studies
     assert isinstance(attack_study, AttackStudy) and isinstance(detector_study, DetectorStudy)
     assert "LRP-grad" in attack_study.equal_asr and "LRP-mean" not in attack_study.equal_asr
+
+
+def test_the_readmes_toml_example_parses() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(tomllib.loads(example), source="README.md")
+    assert config.name == "mine" and config.detectors[0].name == "xaiadv:IDefenderDetector"
+    assert config.studies == (AttackStudy(equal_asr=("LRP-grad",)), DetectorStudy())
 
 
 def test_the_quick_config_parses() -> None:
