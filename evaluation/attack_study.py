@@ -33,7 +33,7 @@ from .metrics import (
     perturbation_norms,
     successes_needed,
 )
-from .studies import Study, studies
+from .studies import Study, attack_labels, check_attack_labels, studies
 
 if TYPE_CHECKING:
     from .config import AttackSpec, RunConfig
@@ -301,18 +301,10 @@ class AttackStudy(Study):
     equal_asr: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        chosen = self.equal_asr
-        if not isinstance(chosen, list | tuple) or not all(isinstance(label, str) for label in chosen):
-            raise ValueError(f"equal_asr: expected a list of attack labels, got {chosen!r}")
-        object.__setattr__(self, "equal_asr", tuple(chosen))
+        object.__setattr__(self, "equal_asr", attack_labels("equal_asr", self.equal_asr))
 
     def check(self, config: RunConfig) -> None:
-        labels = [attack.label for attack in config.attacks]
-        unknown = [label for label in self.equal_asr if label not in labels]
-        if unknown:
-            raise ValueError(
-                f"equal_asr: {unknown} are not attack labels of this run; valid: {', '.join(labels)}"
-            )
+        check_attack_labels("equal_asr", self.equal_asr, config)
 
     def run(self, run: Run) -> None:
         cells = run.attacks

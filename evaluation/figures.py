@@ -206,6 +206,77 @@ def plot_norm_distributions(
     return _save(figure, target)
 
 
+def plot_embedding_by_class(
+    points: np.ndarray,
+    classes: np.ndarray,
+    names: Mapping[int, str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Seed 001 Fig. 4: 2-D points (N, 2) of clean samples, one colour per class, the classes named.
+
+    ``classes``: (N,) class indices; ``names``: class index -> name for the legend.
+    """
+    target = _png_path(path)
+    xy, labels = _check_points(points, classes, "points")
+    figure = _figure((6.4, 5.2))
+    axes = figure.subplots()
+    for index, label in enumerate(np.unique(labels)):
+        mine = labels == label
+        name = names.get(int(label), str(label))
+        axes.scatter(*xy[mine].T, s=10, color=f"C{index % 10}", label=f"{name} (n={int(mine.sum())})")
+    axes.set(xlabel="UMAP 1", ylabel="UMAP 2", title=title or "clean signatures by class")
+    axes.legend(loc="best", fontsize="x-small", markerscale=1.5)
+    axes.grid(alpha=0.3)
+    return _save(figure, target)
+
+
+def plot_embedding_attacks(
+    clean: np.ndarray,
+    clean_classes: np.ndarray,
+    adversarial: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    shown_class: int,
+    path: str | os.PathLike[str],
+    *,
+    name: str = "",
+) -> Path:
+    """Seed 001 Figs. 5-6 for one class: a panel per attack, the clean samples of ``shown_class`` beside the
+    attack's adversarial examples made from them, every other clean sample in grey behind.
+
+    ``clean``: (N, 2) points with ``clean_classes`` (N,); ``adversarial``: label -> ((M, 2) points, (M,)
+    the original class of each); all in one embedding, so every panel shares the axes.
+    """
+    target = _png_path(path)
+    xy, labels = _check_points(clean, clean_classes, "clean")
+    if not isinstance(adversarial, Mapping) or not adversarial:
+        raise ValueError("adversarial must be a non-empty mapping of attack label -> (points, classes)")
+    panels = {
+        label: _check_points(*pair, f"adversarial[{label!r}]", empty=True)
+        for label, pair in adversarial.items()
+    }
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    figure = _figure((3.4 * columns, 3.2 * rows + 0.4))
+    grid = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    mine = labels == shown_class
+    said = name or str(shown_class)
+    for axes, (label, (points, original)) in zip(grid.ravel(), panels.items(), strict=False):
+        turned = original == shown_class
+        axes.scatter(*xy[~mine].T, s=4, color="0.85")
+        axes.scatter(*xy[mine].T, s=8, color="C0", label=f"clean {said} (n={int(mine.sum())})")
+        axes.scatter(
+            *points[turned].T, s=14, marker="x", color="C3", label=f"adversarial (n={int(turned.sum())})"
+        )
+        axes.set_title(label, fontsize="small")
+        axes.legend(loc="best", fontsize="xx-small")
+        axes.grid(alpha=0.3)
+    for axes in grid.ravel()[len(panels) :]:
+        axes.set_axis_off()
+    figure.suptitle(f"class {said}: clean vs adversarial signatures (UMAP)")
+    return _save(figure, target)
+
+
 # --------------------------------------------------------------------------------------------------
 # validation
 
@@ -276,6 +347,18 @@ def _check_roc(
         if not ((values >= 0) & (values <= 1)).all():
             raise ValueError(f"rocs[{label!r}][{key!r}] must be rates in [0, 1]")
     return fpr, tpr, float(auc)
+
+
+def _check_points(
+    points: np.ndarray, classes: np.ndarray, what: str, *, empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 (N, 2) finite points and their (N,) integer classes; N > 0 unless ``empty``."""
+    xy, labels = np.asarray(points, dtype=np.float64), np.asarray(classes)
+    if xy.ndim != 2 or xy.shape[1] != 2 or (not empty and not len(xy)) or not np.isfinite(xy).all():
+        raise ValueError(f"{what} must be finite 2-D points shaped (N, 2) with N > 0; got {xy.shape}")
+    if labels.shape != (len(xy),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what}: expected one integer class per point ({len(xy)}); got {labels.shape}")
+    return xy, labels
 
 
 def _check_images(images: np.ndarray, what: str) -> np.ndarray:

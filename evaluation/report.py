@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import figures
+from .heatmap_study import NUMBERS, example_heatmaps
+from .heatmaps import plot_heatmaps
 from .rundir import SCHEMA_VERSION, RunDirectory
 
 NORMS = ("L0", "L1", "L2", "Linf")
@@ -112,7 +114,13 @@ def render_report(run_dir: str | Path) -> Path:
     results = load_results(run.root)
     run.figures.mkdir(exist_ok=True)
     try:
-        sections = [_header(results), _attack_section(results, run), _detector_section(results, run)]
+        sections = [
+            _header(results),
+            _attack_section(results, run),
+            _detector_section(results, run),
+            _heatmap_section(results, run),
+            _signature_section(results, run),
+        ]
     except (KeyError, TypeError, OSError) as error:
         raise ValueError(
             f"RUN_DIR: {run.results} or its arrays are incomplete or damaged ({type(error).__name__}: "
@@ -308,3 +316,134 @@ def _detector_row(name: str, row: dict[str, Any]) -> list[object]:
         row["threshold_fpr"],
         row["threshold_tpr"],
     ]
+
+
+def _failed(cells: dict[str, Any]) -> list[str]:
+    """One line per failed cell: its label and error."""
+    return [f"- {label}: {cell['error']}" for label, cell in cells.items() if cell["status"] != "done"]
+
+
+def _mean_median(number: dict[str, Any]) -> str:
+    return "n/a" if number["mean"] is None else f"{fmt(number['mean'])} ({fmt(number['median'])})"
+
+
+def _heatmap_section(results: dict[str, Any], run: RunDirectory) -> str:
+    """Seed 001 Fig. 3 per attack: the numbers' table and a figure of a few samples each."""
+    cells = results.get("heatmaps") or {}
+    if not cells:
+        return ""
+    done = {label: cell for label, cell in cells.items() if cell["status"] == "done"}
+    said = next(iter(done.values()), {"composite": "n/a", "k": "n/a"})
+    lines = [
+        "## Explanation heatmaps, clean vs adversarial (seed 001 Fig. 3; thesis A.1)",
+        "",
+        f"LRP heatmaps (composite {said['composite']}) of each attack's successful samples, mean (median) "
+        "over n. Spearman: rank correlation of the clean and the adversarial heatmap for the original "
+        "class (1: the explanation survived, below 0: reversed); top-k overlap: share of the clean "
+        f"heatmap's k = {said['k']} most relevant values still among the adversarial heatmap's; on "
+        "perturbed: share of the adversarial heatmap's |relevance| (adversarial class) that lies on the "
+        "values the attack changed, beside the share of values it changed (what a heatmap blind to the "
+        "perturbation would give).",
+    ]
+    if done:
+        rows = [
+            [label, cell["n"], *(_mean_median(cell["numbers"][name]) for name in NUMBERS)]
+            for label, cell in done.items()
+        ]
+        header = ("attack", "n", "Spearman", "top-k overlap", "R on perturbed", "values perturbed")
+        lines += ["", table(header, rows)]
+    failed = _failed(cells)
+    if failed:
+        lines += ["", "Failed:", "", *failed]
+    for label, cell in done.items():
+        if not cell["n"]:
+            continue
+        arrays = run.load_arrays("heatmap", label)
+        path = plot_heatmaps(
+            arrays["example_x"],
+            arrays["example_x_adv"],
+            example_heatmaps(arrays),
+            [str(title) for title in arrays["example_titles"]],
+            run.figures / f"{run.cell_path('heatmap', label).stem}.png",
+        )
+        lines += ["", f"### {label}", "", f"![heatmaps {label}](figures/{path.name})"]
+    return "\n".join(lines)
+
+
+def _signature_section(results: dict[str, Any], run: RunDirectory) -> str:
+    """Seed 001 Figs. 4-6: the separability table, the embedding by class and per class vs each attack."""
+    cells = results.get("signatures") or {}
+    embeddings = results.get("embeddings") or {}
+    if not cells and not embeddings:
+        return ""
+    done = {label: cell for label, cell in cells.items() if cell["status"] == "done"}
+    lines = ["## LRP signatures and UMAP (seed 001 Figs. 4-6)", ""]
+    if done:
+        first = next(iter(done.values()))
+        lines += [
+            f"A signature: the LRP relevance of the input of the last layer ('{first['layer']}', width "
+            f"{first['width']}) for the predicted class, of the first clean, correctly classified samples of "
+            "each class and of each attack's successful adversarial examples of the same samples. AUC: "
+            "cross-validated (5 folds) logistic regression telling adversarial from clean signatures, "
+            "beside the same on the hidden state (the layer's input without relevance); 0.5 is chance.",
+            "",
+            table(
+                ("attack", "n clean", "n adversarial", "AUC signatures", "AUC hidden state"),
+                [
+                    [
+                        label,
+                        cell["n_clean"],
+                        cell["n_adversarial"],
+                        cell["auc"]["signature"],
+                        cell["auc"]["hidden"],
+                    ]
+                    for label, cell in done.items()
+                ],
+            ),
+        ]
+        reasons = [
+            f"- {label}: {next(iter(cell['undefined'].values()))}"
+            for label, cell in done.items()
+            if cell["undefined"]
+        ]
+        if reasons:
+            lines += ["", "n/a:", "", *reasons]
+    failed = _failed({**cells, **embeddings})
+    if failed:
+        lines += ["", "Failed:", "", *failed]
+    for label, cell in embeddings.items():
+        if cell["status"] == "done":
+            lines += _embedding_figures(label, cell, run)
+    return "\n".join(lines)
+
+
+def _embedding_figures(label: str, cell: dict[str, Any], run: RunDirectory) -> list[str]:
+    arrays = run.load_arrays("embedding", label)
+    points, group, original = arrays["embedding"], arrays["group"], arrays["original_class"]
+    names = dict(zip(cell["classes"], cell["class_names"], strict=True))
+    clean = group == -1
+    path = figures.plot_embedding_by_class(
+        points[clean], original[clean], names, run.figures / "signatures-by-class.png"
+    )
+    lines = [
+        "",
+        f"### UMAP of the clean signatures by class (Fig. 4; seed {cell['seed']}, "
+        f"{cell['n_neighbors']} neighbours)",
+        "",
+        f"![clean signatures by class](figures/{path.name})",
+    ]
+    attacks = {name: (points[group == i], original[group == i]) for i, name in enumerate(cell["attacks"])}
+    if not attacks:
+        return lines
+    lines += ["", "### Per class, clean vs each attack's adversarial examples (Figs. 5-6)"]
+    for shown in cell["shown_classes"]:
+        path = figures.plot_embedding_attacks(
+            points[clean],
+            original[clean],
+            attacks,
+            shown,
+            run.figures / f"signatures-class-{shown}.png",
+            name=names[shown],
+        )
+        lines += ["", f"![class {names[shown]}](figures/{path.name})"]
+    return lines

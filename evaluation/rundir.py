@@ -22,7 +22,7 @@ import numpy as np
 
 from xaiadv.plugins.storage import atomic_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def key_of(*parts: object) -> str:

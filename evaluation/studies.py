@@ -10,6 +10,7 @@ Zennit's ``register_composite`` fills its composite table. ``xaiadv list`` print
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ class Study:
 
 def study_registry() -> Registry:
     """The study registry, filled: importing the modules that hold the studies registers them."""
-    from . import attack_study, detector_study  # noqa: F401  (their @studies.register fills it)
+    from . import attack_study, detector_study, heatmap_study, signature_study  # noqa: F401  (@studies.register)
 
     return studies
 
@@ -66,3 +67,23 @@ def default_studies() -> tuple[Study, ...]:
     """:data:`DEFAULT_STUDIES` with their default parameters."""
     registry = study_registry()
     return tuple(registry[name]() for name in DEFAULT_STUDIES)
+
+
+def attack_labels(key: str, value: object) -> tuple[str, ...]:
+    """A study parameter naming attacks by label (a list of strings) as a tuple; ValueError naming ``key``."""
+    if not isinstance(value, list | tuple) or not all(isinstance(label, str) for label in value):
+        raise ValueError(f"{key}: expected a list of attack labels, got {value!r}")
+    return tuple(value)
+
+
+def check_attack_labels(key: str, labels: Sequence[str], config: RunConfig) -> None:
+    """Refuse labels in ``labels`` that name no attack of ``config``, listing the valid ones."""
+    valid = [attack.label for attack in config.attacks]
+    unknown = [label for label in labels if label not in valid]
+    if unknown:
+        raise ValueError(f"{key}: {unknown} are not attack labels of this run; valid: {', '.join(valid)}")
+
+
+def chosen_attacks(labels: Sequence[str], config: RunConfig) -> list[str]:
+    """The attack labels a study covers: ``labels`` in the config's order, or all when empty."""
+    return [spec.label for spec in config.attacks if not labels or spec.label in labels]

@@ -95,7 +95,7 @@ def _without_timing(results: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> None:
     results = json.loads((finished.directory / "results.json").read_text())
     assert results == json.loads(json.dumps(finished.results))
-    assert results["complete"] is True and results["schema_version"] == 1
+    assert results["complete"] is True and results["schema_version"] == 2
     environment = json.loads((finished.directory / "environment.json").read_text())
     assert environment == results["environment"] and environment["seed"] == 0
     assert environment["packages"]["torch"] and environment["device"] == "cpu"
@@ -381,6 +381,8 @@ def test_list_names_attacks_detectors_and_studies(capsys: pytest.CaptureFixture[
         "art:BinaryInputDetector",
         "xaiadv:AttackStudy",
         "xaiadv:DetectorStudy",
+        "xaiadv:HeatmapStudy",
+        "xaiadv:SignatureStudy",
     } <= set(names)
     assert all(name.count(":") == 1 for name in names)
     assert main(["list", "--flat", "--source", "art"]) == 0
@@ -555,7 +557,7 @@ def test_report_refuses_another_schema_and_damaged_results(finished: run.RunResu
     shutil.copytree(finished.directory, copy)
     results = json.loads((copy / "results.json").read_text())
     (copy / "results.json").write_text(json.dumps({**results, "schema_version": 99}))
-    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 1: run the config again"):
+    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 2: run the config again"):
         render_report(copy)
     del results["attacks"]["LRP-grad"]["norms"]
     (copy / "results.json").write_text(json.dumps(results))
