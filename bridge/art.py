@@ -135,6 +135,6 @@ from .art_adaptive import DetectorAwarePGD  # noqa: E402
 
 __all__ += ["DetectorAwarePGD"]
 
-from .art_detectors import IDefender, KNNDetector, SpatialEntropyDetector  # noqa: E402
+from .art_detectors import IDefenderDetector, KNNDetector, SpatialEntropyDetector  # noqa: E402
 
-__all__ += ["IDefender", "KNNDetector", "SpatialEntropyDetector"]
+__all__ += ["IDefenderDetector", "KNNDetector", "SpatialEntropyDetector"]

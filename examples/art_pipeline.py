@@ -6,9 +6,10 @@ A reference CNN is trained and wrapped in ART's ``PyTorchClassifier``; then, as 
    iterations) and compare the attack success rate (ASR, thesis eq. 4.15) and the median L1 perturbation;
 2. train a copy adversarially with ART's ``AdversarialTrainer`` driving ``LRPGrad`` (ratio 0.5) and compare
    clean and adversarial accuracy before and after;
-3. fit xaiadv's ``SpatialEntropyDetector``, ``IDefender`` and ``KNNDetector`` (ART ``EvasionDetector``s) next
-   to ART's ``BinaryInputDetector``, a small CNN trained on FGSM examples, and compare their detection rates
-   on LRP-grad and FGSM examples and their false-positive rates on clean test images.
+3. fit xaiadv's ``SpatialEntropyDetector``, ``IDefenderDetector`` and ``KNNDetector`` (ART
+   ``EvasionDetector``s) next to ART's ``BinaryInputDetector``, a small CNN trained on FGSM examples, and
+   compare their detection rates on LRP-grad and FGSM examples and their false-positive rates on clean
+   test images.
 
 Run it from the repository root; digits takes seconds, Fashion-MNIST needs its files (xaiadv.evaluation.data):
 
@@ -31,7 +32,7 @@ from art.defences.trainer import AdversarialTrainer
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from xaiadv.bridge.art import IDefender, KNNDetector, LRPGrad, SpatialEntropyDetector
+from xaiadv.bridge.art import IDefenderDetector, KNNDetector, LRPGrad, SpatialEntropyDetector
 from xaiadv.evaluation.cli import format_table, positive_float, positive_int
 from xaiadv.evaluation.data import Dataset, load_dataset, training_subset
 from xaiadv.evaluation.metrics import attack_success_rate, perturbation_norms
@@ -202,7 +203,7 @@ def compare_detectors(
         "FGSM": x_fgsm[(clean == y) & (predict(classifier, x_fgsm) != y)],
     }
     detectors: dict[str, tuple[str, EvasionDetector]] = {}
-    for cls in (SpatialEntropyDetector, IDefender, KNNDetector):
+    for cls in (SpatialEntropyDetector, IDefenderDetector, KNNDetector):
         detector = cls(classifier, random_state=seed)
         detector.fit(data.x_train, data.y_train)
         detectors[f"xaiadv {cls.__name__}"] = ("clean images", detector)

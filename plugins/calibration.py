@@ -10,6 +10,11 @@ Ties: a score with few distinct values (the kNN score of k neighbours is a multi
 samples onto one value, and when the fpr quantile falls inside such a pile ``score > threshold`` flags far
 fewer than fpr of clean data: none at all when the pile sits at the largest score. A second, continuous
 score breaks those ties (:func:`tie_broken_threshold_at_fpr`, :func:`flag_tie_broken`).
+
+Held out: a detector whose threshold is set on the images it was fitted on is biased (I-defender's
+mixtures over-fit their own data, see :mod:`~xaiadv.plugins.detectors.idefender`), so the clean data is
+split once, seeded and per class, by :func:`held_out_split`; :func:`thresholds_at_fpr` is the one entry point
+the detectors use (global or per class, with or without a tie-break).
 """
 
 from __future__ import annotations
@@ -18,17 +23,15 @@ import math
 
 import numpy as np
 
+from . import checks
+
+#: A threshold: one float, or one per class ((n_classes,) float64).
+Threshold = float | np.ndarray
+
 
 def check_fpr(fpr: object) -> float:
     """``fpr`` as a float in the open interval (0, 1), or a ValueError naming it."""
-    if (
-        isinstance(fpr, bool)
-        or not isinstance(fpr, (int, float))
-        or not math.isfinite(fpr)
-        or not 0 < fpr < 1
-    ):
-        raise ValueError(f"fpr must be a number in (0, 1); got {fpr!r}")
-    return float(fpr)
+    return checks.open_fraction("fpr", fpr)
 
 
 def threshold_at_fpr(clean_scores: np.ndarray, fpr: float) -> float:
@@ -86,6 +89,69 @@ def per_class_thresholds(
             )
         thresholds[label] = threshold_at_fpr(members, fpr)
     return thresholds
+
+
+def thresholds_at_fpr(
+    clean_scores: np.ndarray,
+    fpr: float,
+    *,
+    tie_breaks: np.ndarray | None = None,
+    classes: np.ndarray | None = None,
+    n_classes: int | None = None,
+) -> tuple[Threshold, Threshold | None]:
+    """(threshold, tie-break threshold or None) flagging at most ``fpr`` of the clean scores.
+
+    Global (``classes`` None): :func:`threshold_at_fpr`, or :func:`tie_broken_threshold_at_fpr` with
+    ``tie_breaks``. Per class: the same within each class's scores, giving (n_classes,) arrays; a class
+    without scores raises, naming it (as :func:`per_class_thresholds`, which it equals without tie-breaks).
+    """
+    fpr = check_fpr(fpr)
+    if classes is None:
+        if tie_breaks is None:
+            return threshold_at_fpr(clean_scores, fpr), None
+        return tie_broken_threshold_at_fpr(clean_scores, tie_breaks, fpr)
+    n_classes = checks.positive_int("n_classes", n_classes)
+    if tie_breaks is None:
+        return per_class_thresholds(clean_scores, classes, n_classes, fpr), None
+    scores, ties = _scores(clean_scores, "clean_scores"), _scores(tie_breaks, "clean_tie_breaks")
+    classes = np.asarray(classes).reshape(-1)
+    if not classes.shape == ties.shape == scores.shape:
+        raise ValueError(f"classes and tie_breaks must have one entry per score ({scores.size})")
+    pairs = []
+    for label in range(n_classes):  # one quantile per class: n_classes is small, not a per-sample loop
+        members = classes == label
+        if not members.any():
+            raise ValueError(
+                f"class {label} has no clean calibration samples; a per-class threshold needs some"
+            )
+        pairs.append(tie_broken_threshold_at_fpr(scores[members], ties[members], fpr))
+    threshold, tie_threshold = (np.array(values, dtype=np.float64) for values in zip(*pairs, strict=True))
+    return threshold, tie_threshold
+
+
+def held_out_split(labels: np.ndarray, share: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fitting rows, calibration rows), each sorted: ``round(share * count)`` of each class held out.
+
+    Seeded: one shuffle by ``np.random.default_rng(random_state)``, then per class the first ranks of the
+    shuffled order are held out, so the classes keep their proportions in both parts. Refused when either
+    part would be empty.
+    """
+    share = checks.open_fraction("calibration_share", share)
+    random_state = checks.integer("random_state", random_state)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = labels.size
+    counts = np.bincount(labels) if n else np.zeros(0, dtype=np.int64)
+    held = np.round(share * counts).astype(int)
+    order = np.random.default_rng(random_state).permutation(n)
+    order = order[np.argsort(labels[order], kind="stable")]  # shuffled within each class
+    rank = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    is_calibration = rank < np.repeat(held, counts)
+    if not is_calibration.any() or is_calibration.all():
+        raise ValueError(
+            f"calibration_share={share} of {n} samples leaves no "
+            f"{'calibration' if not is_calibration.any() else 'fitting'} samples; give more clean data"
+        )
+    return np.sort(order[~is_calibration]), np.sort(order[is_calibration])
 
 
 def equal_error_threshold(clean_scores: np.ndarray, adversarial_scores: np.ndarray) -> tuple[float, float]:

@@ -134,13 +134,13 @@ def test_art_pipeline_prints_accuracy_before_and_after_adversarial_training(art_
 
 def test_art_pipeline_detector_rows(art_tables) -> None:
     detectors = art_tables["detector"]
-    ours = ["xaiadv SpatialEntropyDetector", "xaiadv IDefender", "xaiadv KNNDetector"]
+    ours = ["xaiadv SpatialEntropyDetector", "xaiadv IDefenderDetector", "xaiadv KNNDetector"]
     assert list(detectors) == [*ours, "ART BinaryInputDetector"]
     for row in detectors.values():
         for column in ("detects LRP-grad", "detects FGSM"):
             rate(row[column])
         assert rate(row["false positives"]) <= 0.25  # measured at most 0.167 (kNN, 60 clean images)
-    assert rate(detectors["xaiadv IDefender"]["detects LRP-grad"]) > 0.55  # measured 0.676
+    assert rate(detectors["xaiadv IDefenderDetector"]["detects LRP-grad"]) > 0.55  # measured 0.676
     # ART's detector learnt FGSM (measured 0.906) and does not carry over to LRP-grad (measured 0.054).
     art = detectors["ART BinaryInputDetector"]
     assert rate(art["detects FGSM"]) > 0.8

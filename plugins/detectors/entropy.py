@@ -11,20 +11,28 @@ fixed as the seed, taken w.r.t. the model's input. ``target="logit"`` seeds it w
 class's logit instead. The response is taken w.r.t. the model's own input (the normalized tensor when
 ``preprocessing=(mean, std)`` is given, the convention of :class:`~xaiadv.plugins.relevance.Relevance`).
 Gray scale is the mean of the response over channels (the paper converts its RGB response to gray).
+
+No ``score_torch``: eq. 3 counts equal values of an 8-bit quantization, a piecewise-constant function of
+the input whose gradient is zero almost everywhere; there is no exact differentiable form to offer.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
-from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from .. import checks
 from ..checks import check_batch
 from ..features import FeatureExtractor, check_layers, last_layer_of_type
+from ..model import Classifier
 from ..relevance import Relevance
+from .base import Detector, Parts
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +41,9 @@ TARGETS: tuple[str, ...] = ("activations", "logit")
 
 
 def _check_patch(patch: object) -> int:
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 2:
+    if checks.positive_int("patch", patch) < 2:
         raise ValueError(f"patch must be an int >= 2 (the side of the square patch); got {patch!r}")
-    return patch
+    return int(patch)
 
 
 def local_spatial_entropy(maps: torch.Tensor, patch: int = 3) -> torch.Tensor:
@@ -100,24 +108,26 @@ def quantize_8bit(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.to(torch.uint8).reshape(maps.shape), degenerate
 
 
-class SpatialEntropy:
+class SpatialEntropy(Detector):
     """Amirian et al. 2018: mean local spatial entropy of the guided-backprop feature response (eqs. 3-4).
 
-    ``SpatialEntropy(model).fit(x_clean).score(x)`` gives one number per sample, higher meaning more
-    likely adversarial (the paper: adversarial inputs spread the network's focus). Nothing is learned;
-    ``fit`` records the clean scores' ``clean_mean_``, ``clean_std_`` and ``clean_degenerate_rate_``.
-    Inputs are image batches (N, C, H, W); responses are (N, H, W) gray maps at input resolution.
+    ``SpatialEntropy(model).fit(x_clean).calibrate(x_held_out).detect(x)``; ``score(x)`` gives one number
+    per sample, higher meaning more likely adversarial (the paper: adversarial inputs spread the network's
+    focus). Nothing is learned; ``fit`` records the clean scores' ``clean_mean_``, ``clean_std_`` and
+    ``clean_degenerate_rate_``, and ``n_classes_``. Inputs are image batches (N, C, H, W); responses are
+    (N, H, W) gray maps at input resolution.
 
     layer: name of the layer whose output seeds the backward pass (default: the last ``nn.Conv2d``).
     target: "activations" (the paper: the layer's activations themselves as ``grad_output``) or
     "logit" (the predicted class's logit, one-hot ``grad_output``). patch: side of the entropy window
-    (3 in the paper). preprocessing: ``(mean, std)`` applied before the model, as in Relevance.
-    The model is in eval mode for the work and restored after; no hook outlives a call.
+    (3 in the paper). model: a Classifier, or a module with ``preprocessing=(mean, std)`` applied before it.
     """
+
+    config_names = ("layer", "target", "patch")
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Classifier | nn.Module,
         *,
         layer: str | None = None,
         target: str = "activations",
@@ -125,83 +135,84 @@ class SpatialEntropy:
         batch_size: int = 128,
         preprocessing: object = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+        checks.one_of("target", target, TARGETS)
         self.patch = _check_patch(patch)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be an int > 0; got {batch_size!r}")
+        super().__init__(model, batch_size=batch_size, preprocessing=preprocessing)
+        module = self.classifier.module
         # Relevance refuses a model without activation modules (functional calls) for guided backprop.
-        self._relevance = Relevance(model, "guided_backprop", preprocessing=preprocessing)
-        if not any(isinstance(module, nn.ReLU) for module in model.modules()):
+        self._relevance = Relevance(self.classifier, "guided_backprop")
+        if not any(isinstance(item, nn.ReLU) for item in module.modules()):
             raise ValueError(
                 "guided backprop rewrites the gradients of torch.nn.ReLU modules and the model has none "
                 "(activations called functionally, or other activation types): the response would silently "
                 "equal the plain gradient"
             )
-        if layer is None:
-            layer = last_layer_of_type(model, nn.Conv2d)
-        elif not isinstance(layer, str):
+        if layer is not None and not isinstance(layer, str):
             raise ValueError(f"layer must be a layer name (str) or None; got {layer!r}")
-        check_layers(model, [layer])
-        self._extractor = FeatureExtractor(model, [layer])
-        self.model = model
+        self._layer = last_layer_of_type(module, nn.Conv2d) if layer is None else layer
+        check_layers(module, [self._layer])
+        self._extractor = FeatureExtractor(module, [self._layer])
         self.layer = layer
         self.target = target
-        self.batch_size = batch_size
-        self.preprocessing = preprocessing
 
-    def __repr__(self) -> str:
-        return (
-            f"SpatialEntropy(layer={self.layer!r}, target={self.target!r}, patch={self.patch}, "
-            f"batch_size={self.batch_size})"
-        )
-
-    def fit(self, x: torch.Tensor, y: object = None) -> SpatialEntropy:
+    def _fit(self, x: torch.Tensor, y: object) -> None:
         """Record clean-score statistics (nothing to learn); ``y`` is unused (scikit-learn shape)."""
         x = self._check_x(x)
         if x.shape[0] == 0:
             raise ValueError("fit needs at least one clean sample; got an empty batch")
-        scores, degenerate = self._scores(x)
+        found = self._batched(x)
+        scores, degenerate = found["score"], found["degenerate"]
+        with torch.no_grad():
+            self.n_classes_ = int(self.classifier.logits(x[:1]).shape[1])
         self.input_shape_ = tuple(x.shape[1:])
         self.n_features_in_ = math.prod(self.input_shape_)
         self.clean_mean_ = float(scores.mean())
         self.clean_std_ = float(scores.std(correction=0))
         self.clean_degenerate_rate_ = float(degenerate.double().mean())
-        return self
 
     def response(self, x: torch.Tensor) -> torch.Tensor:
         """Gray-scale guided-backprop feature response (N, H, W): the (N, C, H, W) response's channel mean."""
         x = self._check_x(x)
-        parts = [self._response(x[start : start + self.batch_size]) for start in self._starts(x)]
+        with self.classifier.evaluating():
+            parts = [self._response(x[start : start + self.batch_size])[0] for start in self._starts(x)]
         return torch.cat(parts) if parts else x.new_zeros(0, *x.shape[2:])
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """For a person to look at: "response" (N, H, W), "quantized" (N, H, W) uint8, "entropy"
         (N, H', W') float64 with H' = H - patch + 1, "degenerate" (N,) bool (constant, zero or non-finite)."""
         x = self._check_x(x)
-        parts = [self._maps(x[start : start + self.batch_size]) for start in self._starts(x)]
+        with self.classifier.evaluating():
+            parts = [
+                self._maps_of(self._response(x[start : start + self.batch_size])[0])
+                for start in self._starts(x)
+            ]
         if not parts:
             parts = [self._maps_of(x.new_zeros(0, *x.shape[2:]))]
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean local spatial entropy per sample (eq. 4), float64 (N,): higher = more likely adversarial."""
-        if not hasattr(self, "clean_mean_"):
-            raise NotFittedError("SpatialEntropy is not fitted; call fit(x_clean) first")
-        x = self._check_x(x)
-        if tuple(x.shape[1:]) != self.input_shape_:
-            raise ValueError(f"x must be shaped (N, *{self.input_shape_}) as in fit; got {tuple(x.shape)}")
-        return self._scores(x)[0]
+    def score_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Not offered: eq. 3's histogram of an 8-bit quantization is piecewise constant in x."""
+        raise NotImplementedError(
+            "SpatialEntropy has no differentiable score: eq. 3 counts equal values of the 8-bit quantized "
+            "response, a piecewise-constant function of x whose gradient is zero almost everywhere"
+        )
 
-    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _parts(self, x: torch.Tensor) -> Parts:
+        """Eq. 4 per sample: the mean local spatial entropy, float64 (N,); and the predicted class."""
+        self._check_x(x)
+        found = self._batched(x)
+        return {"score": found["score"], "class": found["class"]}
+
+    def _batched(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = [torch.zeros(0, dtype=torch.float64, device=x.device)]
         degenerate = [torch.zeros(0, dtype=torch.bool, device=x.device)]
+        classes = [torch.zeros(0, dtype=torch.long, device=x.device)]
         for start in self._starts(x):
-            found = self._maps(x[start : start + self.batch_size])
+            response, prediction = self._response(x[start : start + self.batch_size])
+            found = self._maps_of(response)
             scores.append(found["entropy"].flatten(1).mean(dim=1))
             degenerate.append(found["degenerate"])
+            classes.append(prediction)
         flagged = torch.cat(degenerate)
         if bool(flagged.any()):
             logger.warning(
@@ -209,33 +220,31 @@ class SpatialEntropy:
                 int(flagged.sum()),
                 len(flagged),
             )
-        return torch.cat(scores), flagged
-
-    def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._maps_of(self._response(x))
+        return {"score": torch.cat(scores), "degenerate": flagged, "class": torch.cat(classes)}
 
     def _maps_of(self, response: torch.Tensor) -> dict[str, torch.Tensor]:
         quantized, degenerate = quantize_8bit(response)
         entropy = local_spatial_entropy(quantized, self.patch)
         return {"response": response, "quantized": quantized, "entropy": entropy, "degenerate": degenerate}
 
-    def _response(self, x: torch.Tensor) -> torch.Tensor:
-        """Guided backprop of one batch to the model input, averaged over channels."""
+    def _response(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided backprop of one batch to the model input, averaged over channels; the predicted class."""
         with torch.enable_grad(), self._relevance.attached(x) as relevance:
             with self._extractor.capturing(detach=False) as captured:
                 z, logits = relevance.forward(x)
-            if self.layer not in captured:
-                raise ValueError(f"layer {self.layer!r} did not run in the model's forward pass")
+            if self._layer not in captured:
+                raise ValueError(f"layer {self._layer!r} did not run in the model's forward pass")
+            prediction = logits.detach().argmax(dim=1)
             if self.target == "logit":
-                response = relevance.relevance(z, logits, logits.detach().argmax(dim=1))
+                response = relevance.relevance(z, logits, prediction)
             else:
-                activations = captured[self.layer]
+                activations = captured[self._layer]
                 if not isinstance(activations, torch.Tensor) or activations.grad_fn is None:
                     raise ValueError(
-                        f"layer {self.layer!r} output does not depend on the input; pick another layer"
+                        f"layer {self._layer!r} output does not depend on the input; pick another layer"
                     )
                 (response,) = torch.autograd.grad(activations, z, grad_outputs=activations.detach())
-        return response.detach().mean(dim=1)
+        return response.detach().mean(dim=1), prediction
 
     def _starts(self, x: torch.Tensor) -> range:
         return range(0, x.shape[0], self.batch_size)
@@ -249,3 +258,21 @@ class SpatialEntropy:
                 f"x images of size {x.shape[2]}x{x.shape[3]} are smaller than the patch ({self.patch})"
             )
         return x
+
+    def _fitted_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        statistics = [self.clean_mean_, self.clean_std_, self.clean_degenerate_rate_]
+        arrays = {"clean_statistics": np.asarray(statistics, dtype=np.float64)}
+        return arrays, {"input_shape": list(self.input_shape_), "n_classes": self.n_classes_}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray], fitted: Mapping[str, Any]) -> None:
+        statistics = np.asarray(arrays["clean_statistics"], dtype=np.float64)
+        if statistics.shape != (3,):
+            raise ValueError(f"clean_statistics must be shaped (3,); got {statistics.shape}")
+        input_shape = tuple(int(size) for size in fitted["input_shape"])
+        logits = self.classifier.logits(torch.zeros(1, *input_shape, device=self.classifier.device))
+        self.n_classes_ = int(fitted.get("n_classes", logits.shape[1]))  # a version-2 save has none
+        if logits.shape[1] != self.n_classes_:
+            raise ValueError(f"the state has {self.n_classes_} classes; the model gives {logits.shape[1]}")
+        self.input_shape_ = input_shape
+        self.n_features_in_ = math.prod(input_shape)
+        self.clean_mean_, self.clean_std_, self.clean_degenerate_rate_ = (float(v) for v in statistics)

@@ -14,23 +14,33 @@ rows where float32 rounding could have hidden a nearer or tied reference are sea
 Ties go to the lower reference index, so both backends give the same neighbours. The distance is always
 Euclidean (on ``l2``-normalized features it orders neighbours as cosine similarity does), hence the L2
 index for faiss.
+
+Ties of the score: it takes few values (multiples of 1/k with uniform weights, exactly 1 whenever no neighbour
+has the predicted class), so clean scores pile up and a threshold on the score alone can miss its target
+false-positive rate by far (a 4-channel digits CNN: 11% of clean scores exactly 1, the threshold 1, nothing
+flagged). The mean distance to the k neighbours (further from the fitting data: more likely adversarial) is
+the detector's tie-break score: samples tied with the threshold are flagged when it is above the
+tie-break threshold (:func:`~xaiadv.plugins.calibration.tie_broken_threshold_at_fpr`).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import checks
 from ..checks import check_batch, check_labels
-from ..features import FeatureExtractor, check_layers, last_layer_of_type, model_dtype, pooled
-from ..relevance import as_preprocessing
+from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
+from ..model import Classifier
+from .base import Detector, Parts
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
 PREPROCESSES: tuple[str | None, ...] = (None, "l2", "pca")
@@ -45,12 +55,13 @@ _BLOCK_ELEMENTS = 2**22  # float64 elements per block of exact recomputation (32
 _Candidates = Callable[[torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
-class KNNScore:
+class KNNScore(Detector):
     """Carrara et al. 2017: kNN score of the class the network predicts, on deep features (eq. 2).
 
     Fitted on clean training images: their deep features (``layer``'s output, conv maps globally
     average-pooled, others flattened; default the last Conv2d) after ``preprocess`` are the references.
-    ``score(x)`` (N,) is ``1 - s(x, f(x))``: higher means more likely adversarial.
+    ``score(x)`` (N,) is ``1 - s(x, f(x))``: higher means more likely adversarial; ``detect`` breaks the
+    score's ties at the threshold by the mean neighbour distance (module docstring).
 
     ``weighting="distance"`` (DW-kNN, ``w_i = 1/d_i^2``) with an exact match (``d = 0``) among the k
     neighbours: the limit of eq. 2 as those distances go to 0, i.e. the zero-distance neighbours carry all
@@ -67,9 +78,11 @@ class KNNScore:
     fitted ``n_components_``.
     """
 
+    config_names = ("layer", "k", "weighting", "preprocess", "n_components", "chunk_size", "backend")
+
     def __init__(
         self,
-        model: nn.Module,
+        model: Classifier | nn.Module,
         *,
         layer: str | None = None,
         k: int = 10,
@@ -81,56 +94,35 @@ class KNNScore:
         backend: str = "torch",
         preprocessing: object = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        for name, value in (("k", k), ("batch_size", batch_size)):
-            _check_positive_int(name, value)
-        if n_components is not None:
-            _check_positive_int("n_components", n_components)
-        _check_positive_int("chunk_size", chunk_size)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
-        if preprocess not in PREPROCESSES:
-            raise ValueError(f"preprocess must be one of {PREPROCESSES}; got {preprocess!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        super().__init__(model, batch_size=batch_size, preprocessing=preprocessing)
+        self.k = checks.positive_int("k", k)
+        self.n_components = (
+            None if n_components is None else checks.positive_int("n_components", n_components)
+        )
+        self.chunk_size = checks.positive_int("chunk_size", chunk_size)
+        self.weighting = checks.one_of("weighting", weighting, WEIGHTINGS)
+        self.preprocess = checks.one_of("preprocess", preprocess, PREPROCESSES)
+        self.backend = checks.one_of("backend", backend, BACKENDS)
         if backend == "faiss":
             _faiss()  # missing faiss: the ImportError now, not at the first search
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"layer must be a layer name (str) or None; got {layer!r}")
-        is_pair = isinstance(preprocessing, (tuple, list)) and len(preprocessing) == 2
-        if preprocessing is not None and not is_pair:
-            raise ValueError(f"preprocessing must be None or a pair (mean, std); got {preprocessing!r}")
+        module = self.classifier.module
         if layer is None:
             try:
-                resolved = last_layer_of_type(model, nn.Conv2d)
+                resolved = last_layer_of_type(module, nn.Conv2d)
             except ValueError as error:
                 raise ValueError(f"layer=None picks the last Conv2d, but {error}; pass layer=...") from None
         else:
-            check_layers(model, [layer])
+            check_layers(module, [layer])
             resolved = layer
-        self.model = model
         self.layer = layer
-        self.k = k
-        self.weighting = weighting
-        self.preprocess = preprocess
-        self.n_components = n_components
-        self.batch_size = batch_size
-        self.chunk_size = chunk_size
-        self.backend = backend
-        self.preprocessing = preprocessing
         self._layer = resolved
-
-    def __repr__(self) -> str:
-        return (
-            f"KNNScore(layer={self._layer!r}, k={self.k}, weighting={self.weighting!r}, "
-            f"preprocess={self.preprocess!r}, n_components={self.n_components}, backend={self.backend!r})"
-        )
 
     # ------------------------------------------------------------------------------------------------
     # fitting
 
-    def fit(self, x: torch.Tensor, y: object) -> KNNScore:
+    def _fit(self, x: torch.Tensor, y: object) -> None:
         """Extract and store the reference features of clean ``x`` (N, ...) with labels ``y`` (N,) or one-hot.
 
         Fitted attributes: ``layer_``, ``n_classes_`` (the model's output size), ``input_shape_``,
@@ -139,7 +131,6 @@ class KNNScore:
         ``n_components_`` (the width used, see the class docstring), ``pca_mean_`` (D,) and
         ``pca_projection_`` (D, n_components_) in float64.
         """
-        check_batch(x)
         n = x.shape[0]
         if n < self.k:
             raise ValueError(f"x has {n} samples but k={self.k}: kNN needs at least k reference samples")
@@ -153,17 +144,16 @@ class KNNScore:
                 f"min({n}, {dim}) for preprocess='pca' (n_components=None takes as many as the data allow)"
             )
         logits, raw = self._forward(x)
-        self.layer_ = self._layer
-        self.n_classes_ = n_classes
-        self.input_shape_ = tuple(x.shape[1:])
-        self.raw_feature_dim_ = dim
         if self.preprocess == "pca":
             self.pca_mean_, self.pca_projection_ = _fit_whitening(raw, self.n_components)
             self.n_components_ = int(self.pca_projection_.shape[1])
+        self.layer_ = self._layer
+        self.n_classes_ = n_classes
+        self.raw_feature_dim_ = dim
         self.reference_labels_ = labels
         self.reference_predictions_ = logits.argmax(1)
         self.reference_features_ = self._transform(raw)
-        return self
+        self.input_shape_ = tuple(x.shape[1:])
 
     # ------------------------------------------------------------------------------------------------
     # public queries
@@ -172,7 +162,8 @@ class KNNScore:
         """(N, D) pooled deep features of raw ``x`` after preprocess, float32 on x's device."""
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
-        return self._transform(self._forward(x)[1])
+        with self.classifier.evaluating():
+            return self._transform(self._forward(x)[1])
 
     def neighbours(
         self, features: torch.Tensor, *, exclude_self: bool = False
@@ -191,30 +182,44 @@ class KNNScore:
         """(N, n_classes) eq. 2 score of every class among the k nearest references of raw ``x``."""
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
-        return self._class_scores(self._transform(self._forward(x)[1]))[0]
-
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) ``1 - s(x, f(x))``: one minus the kNN score of the predicted class; higher = adversarial."""
-        self._check_fitted()
-        check_batch(x, input_shape=self.input_shape_)
-        return self._score_and_squared(x)[0]
+        with self.classifier.evaluating():
+            return self._class_scores(self._transform(self._forward(x)[1]))[0]
 
     def score_and_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score (N,) as :meth:`score`, mean Euclidean distance (N,) float64 to the k neighbours).
+        """(score (N,) as :meth:`score`, mean Euclidean distance (N,) float64 to the k neighbours: the
+        tie-break score, see the module docstring)."""
+        parts = self._scored(x)
+        return parts["score"], parts["tie_break"]
 
-        Why: the score takes few values (multiples of 1/k for uniform weights, exactly 1 whenever no
-        neighbour has the predicted class), so clean scores tie and a threshold on the score alone can miss
-        its target false-positive rate by far. The mean distance (how far from the fitting data, in the
-        preprocessed feature space) breaks those ties:
-        :func:`~xaiadv.plugins.calibration.tie_broken_threshold_at_fpr`.
+    def score_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` differentiable in ``x``, for ``weighting="distance"`` (DW-kNN).
+
+        The k neighbours are the exact search's (a discrete choice, constant near almost every x); their
+        distances, the weights ``1/d_i^2`` and eq. 2 are recomputed with the graph back to ``x`` through the
+        model. With uniform or rank weights eq. 2 is piecewise constant in x (a gradient of zero almost
+        everywhere): NotImplementedError.
         """
+        if self.weighting != "distance":
+            raise NotImplementedError(
+                f"KNNScore with weighting={self.weighting!r} has no useful gradient: eq. 2 with uniform or "
+                f"rank weights is piecewise constant in x; use weighting='distance' (DW-kNN)"
+            )
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
-        score, squared = self._score_and_squared(x)
-        return score, squared.sqrt().mean(1)
+        with self.classifier.evaluating():
+            logits, raw = self._forward(x, differentiable=True)
+        features = self._transform(raw)
+        with torch.no_grad():
+            indices = self._search(features.detach().float(), False)[1]
+        difference = features[:, None, :].double() - self.reference_features_.to(x.device)[indices].double()
+        weights = self._weights((difference * difference).sum(-1))
+        labels = self.reference_labels_.to(x.device)[indices]
+        scores = torch.zeros(x.shape[0], self.n_classes_, dtype=torch.float64, device=x.device)
+        scores = (scores.scatter_add(1, labels, weights) / weights.sum(1, keepdim=True)).float()
+        return (1.0 - scores.gather(1, logits.detach().argmax(1, keepdim=True))[:, 0]).double()
 
     def score_references(self) -> torch.Tensor:
-        """(N,) leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the others (eq. 2).
+        """(N,) float64 leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the others (eq. 2).
 
         Why: clean scores of the fitting data without held-out data; scored against a set holding itself,
         a reference would always find itself at distance 0. Only the point itself is left out: an exact
@@ -224,14 +229,70 @@ class KNNScore:
         features = self._check_features(self.reference_features_, exclude_self=True)
         scores = self._class_scores(features, exclude_self=True)[0]
         predictions = self.reference_predictions_.to(features.device)
-        return 1.0 - scores.gather(1, predictions[:, None])[:, 0]
+        return (1.0 - scores.gather(1, predictions[:, None])[:, 0]).double()
+
+    # ------------------------------------------------------------------------------------------------
+    # the contract's parts and state
+
+    def _parts(self, x: torch.Tensor) -> Parts:
+        """Score (eq. 2, as float64), predicted class and mean neighbour distance (the tie-break) of x."""
+        logits, raw = self._forward(x)
+        scores, squared = self._class_scores(self._transform(raw))
+        prediction = logits.argmax(1)
+        score = 1.0 - scores.gather(1, prediction[:, None])[:, 0]
+        return {"score": score.double(), "class": prediction, "tie_break": squared.sqrt().mean(1)}
+
+    def _fitted_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {
+            "reference_features": self.reference_features_.cpu().numpy(),
+            "reference_labels": self.reference_labels_.cpu().numpy().astype(np.int64),
+            "reference_predictions": self.reference_predictions_.cpu().numpy().astype(np.int64),
+        }
+        if self.preprocess == "pca":
+            arrays["pca_mean"] = self.pca_mean_.cpu().numpy()
+            arrays["pca_projection"] = self.pca_projection_.cpu().numpy()
+        fitted = {
+            "layer": self.layer_,
+            "n_classes": self.n_classes_,
+            "input_shape": list(self.input_shape_),
+            "raw_feature_dim": self.raw_feature_dim_,
+            "n_components": self.n_components_ if self.preprocess == "pca" else None,
+        }
+        return arrays, fitted
+
+    def _restore(self, arrays: Mapping[str, np.ndarray], fitted: Mapping[str, Any]) -> None:
+        device = self.classifier.device
+
+        def tensor(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.array(arrays[name]), dtype=dtype).to(device)
+
+        if fitted["layer"] != self._layer:
+            raise ValueError(f"the state reads layer {fitted['layer']!r}; this configuration {self._layer!r}")
+        input_shape = tuple(int(size) for size in fitted["input_shape"])
+        self.n_classes_, self.raw_feature_dim_ = int(fitted["n_classes"]), int(fitted["raw_feature_dim"])
+        logits, raw = self._forward(torch.zeros(1, *input_shape, device=device))
+        if (logits.shape[1], raw.shape[1]) != (self.n_classes_, self.raw_feature_dim_):
+            raise ValueError(
+                f"the state has {self.n_classes_} classes and {self.raw_feature_dim_} features; the model "
+                f"gives {logits.shape[1]} and {raw.shape[1]}: it was fitted on another model or layer"
+            )
+        if self.preprocess == "pca":
+            self.pca_mean_ = tensor("pca_mean", torch.float64)
+            self.pca_projection_ = tensor("pca_projection", torch.float64)
+            self.n_components_ = int(fitted["n_components"])
+            if self.pca_projection_.shape != (self.raw_feature_dim_, self.n_components_):
+                raise ValueError(
+                    f"n_components {self.n_components_} but a PCA projection shaped "
+                    f"{tuple(self.pca_projection_.shape)}"
+                )
+        self.layer_ = self._layer
+        self.reference_labels_ = tensor("reference_labels", torch.long)
+        self.reference_predictions_ = tensor("reference_predictions", torch.long)
+        self.reference_features_ = tensor("reference_features", torch.float32)
+        self.input_shape_ = input_shape
 
     # ------------------------------------------------------------------------------------------------
     # internals
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "reference_features_"):
-            raise RuntimeError("this KNNScore is not fitted yet: call fit(x, y) first")
 
     def _check_features(self, features: object, exclude_self: bool) -> torch.Tensor:
         dim = self.reference_features_.shape[1]
@@ -252,26 +313,25 @@ class KNNScore:
                 raise ValueError(f"k={self.k} must be <= {n_references - 1} (all references but one) here")
         return features.float()
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, C), raw pooled features (N, D) float32) in mini-batches, one forward pass each."""
+    def _forward(self, x: torch.Tensor, *, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), raw pooled features (N, D) float32) in mini-batches, one forward pass each; with
+        the graph back to x when ``differentiable``."""
         if x.shape[0] == 0:
             return (
                 torch.empty(0, self.n_classes_, device=x.device),
                 torch.empty(0, self.raw_feature_dim_, device=x.device),
             )
-        dtype = model_dtype(self.model, default=x.dtype)
-        preprocessing = as_preprocessing(self.preprocessing, x)
         logits, features = [], []
-        with FeatureExtractor(self.model, [self._layer]).capturing() as captured, torch.no_grad():
+        extractor = FeatureExtractor(self.classifier.module, [self._layer])
+        with (
+            extractor.capturing(detach=not differentiable) as captured,
+            torch.set_grad_enabled(differentiable),
+        ):
             for start in range(0, x.shape[0], self.batch_size):
-                batch = x[start : start + self.batch_size].to(dtype)
-                if preprocessing is not None:
-                    mean, std = preprocessing
-                    batch = (batch - mean.to(dtype)) / std.to(dtype)
-                output = self.model(batch)
+                output = self.classifier.logits(x[start : start + self.batch_size])
                 if self._layer not in captured:
                     raise ValueError(f"layer {self._layer!r} was not called in the model's forward pass")
-                if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                if output.dim() != 2:
                     raise ValueError("the model must return logits shaped (N, n_classes)")
                 logits.append(output)
                 features.append(pooled(captured.pop(self._layer)).float())
@@ -284,12 +344,6 @@ class KNNScore:
             mean, projection = self.pca_mean_.to(raw.device), self.pca_projection_.to(raw.device)
             return ((raw.double() - mean) @ projection).float()
         return raw
-
-    def _score_and_squared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score (N,), squared distances (N, k) float64 to the k neighbours) of checked raw ``x``."""
-        logits, raw = self._forward(x)
-        scores, squared = self._class_scores(self._transform(raw))
-        return 1.0 - scores.gather(1, logits.argmax(1, keepdim=True))[:, 0], squared
 
     def _class_scores(
         self, features: torch.Tensor, exclude_self: bool = False
@@ -484,8 +538,3 @@ def _faiss() -> ModuleType:
         return importlib.import_module("faiss")
     except ImportError as error:
         raise ImportError("backend='faiss' needs the faiss package: pip install 'xaiadv[faiss]'") from error
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be an int > 0; got {value!r}")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import pickle
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,28 +16,24 @@ import torch
 from art.attacks.evasion import DeepFool, FastGradientMethod
 from art.defences.detector.evasion import EvasionDetector
 from art.estimators.classification import PyTorchClassifier
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from xaiadv.bridge.art_detectors import (
-    DEFAULT_NAME,
-    SCHEMA_VERSION,
-    IDefender,
-    KNNDetector,
-    SpatialEntropyDetector,
-    classifier_hash,
-)
+from xaiadv.bridge.art_detectors import IDefenderDetector, KNNDetector, SpatialEntropyDetector
+from xaiadv.bridge.registry import detectors as detector_registry
 from xaiadv.plugins.calibration import (
     flag_tie_broken,
     per_class_thresholds,
     threshold_at_fpr,
     tie_broken_threshold_at_fpr,
 )
+from xaiadv.plugins.storage import DEFAULT_NAME, SCHEMA_VERSION, module_sha256
 
-DETECTORS = (SpatialEntropyDetector, IDefender, KNNDetector)
+DETECTORS = (SpatialEntropyDetector, IDefenderDetector, KNNDetector)
 NAME = {cls: cls.__name__ for cls in DETECTORS}
 
 #: Clean false-positive rate on the 497 test digits (used neither for fitting nor for calibration) at the
@@ -57,14 +51,14 @@ FPR_TOLERANCE = 0.03
 #:   kNN        FGSM 0.870  DeepFool 0.863
 AUC_FLOORS: dict[type, dict[str, float]] = {
     SpatialEntropyDetector: {"fgsm": 0.51, "deepfool": 0.50},
-    IDefender: {"fgsm": 0.95, "deepfool": 0.94},
+    IDefenderDetector: {"fgsm": 0.95, "deepfool": 0.94},
     KNNDetector: {"fgsm": 0.84, "deepfool": 0.83},
 }
 
 #: A valid non-default value and an invalid one for one plugin parameter of each detector.
 PLUGIN_PARAM: dict[type, tuple[str, Any, Any]] = {
     SpatialEntropyDetector: ("target", "logit", "gradient"),
-    IDefender: ("covariance_type", "diag", "bogus"),
+    IDefenderDetector: ("covariance_type", "diag", "bogus"),
     KNNDetector: ("weighting", "distance", "bogus"),
 }
 REFIT = "fit the detector again"
@@ -166,6 +160,18 @@ def test_art_evasion_detectors_listing_their_parameters(cls, classifier, digits_
 
 
 @pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
+def test_registered_by_name_with_the_parameters_the_harness_reads(cls, classifier, data) -> None:
+    """The evaluation harness: the class by registry name, its parameter tables, fit and detect by keyword."""
+    assert detector_registry[f"xaiadv:{cls.__name__}"] is cls
+    params = {**cls.plugin_params, **cls.calibration_params}
+    assert list(params) == cls.defence_params and cls(classifier, **params).get_params() == params
+    detector = cls(classifier)
+    detector.fit(data["x_train"][:500], data["y_train"][:500], batch_size=64, x_calibration=None)
+    report, flags = detector.detect(data["x_test"][:30], batch_size=16)
+    assert report["score"].shape == flags.shape == (30,) and report["score"].dtype == np.float64
+
+
+@pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
 def test_clean_false_positive_rate_on_unseen_digits(cls, fitted, data) -> None:
     report, flagged = fitted[cls].detect(data["x_test"])
     assert flagged.dtype == bool and flagged.shape == (len(data["x_test"]),)
@@ -188,8 +194,8 @@ def test_a_separate_calibration_split_sets_the_threshold(cls, classifier, data) 
         held_out = cls(classifier)
         held_out.fit(data["x_train"], data["y_train"])  # fitted on 80% of x: other scores
         assert not np.array_equal(scores, held_out.detect(x_eval)[0]["score"])
-    np.testing.assert_array_equal(detector.calibration_["score"], detector.detect(x_cal)[0]["score"])
-    if cls is not IDefender:  # one global threshold: the fpr-quantile of the calibration scores
+    np.testing.assert_array_equal(detector.plugin_.calibration_["score"], detector.detect(x_cal)[0]["score"])
+    if cls is not IDefenderDetector:  # one global threshold: the fpr-quantile of the calibration scores
         scores = detector.detect(x_cal)[0]["score"]
         assert detector.threshold_ == pytest.approx(threshold_at_fpr(scores, detector.fpr))
     flagged = detector.detect(x_eval)[1]
@@ -240,16 +246,16 @@ def test_empty_batch_and_batch_of_one(cls, fitted, data) -> None:
 
 
 def test_idefender_thresholds_are_per_predicted_class(fitted, data, classifier) -> None:
-    detector = fitted[IDefender]
+    detector = fitted[IDefenderDetector]
     report, flagged = detector.detect(data["x_test"])
     predicted = classifier.predict(data["x_test"]).argmax(1)
-    expected = -detector.plugin_.thresholds_.numpy()[predicted]
+    expected = detector.plugin_.threshold_[predicted]
     np.testing.assert_array_equal(report["threshold"], expected)
     assert len(np.unique(report["threshold"])) == 10
     np.testing.assert_array_equal(flagged, detector.plugin_.detect(torch.tensor(data["x_test"])).numpy())
     assert detector.keep_ == pytest.approx(0.95)
-    assert IDefender(classifier, fpr=0.1).keep_ == pytest.approx(0.9)
-    assert IDefender(classifier, fpr=0.1, keep=0.99).keep_ == 0.99
+    assert IDefenderDetector(classifier, fpr=0.1).keep_ == pytest.approx(0.9)
+    assert IDefenderDetector(classifier, fpr=0.1, keep=0.99).keep_ == 0.99
 
 
 @pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
@@ -264,7 +270,7 @@ def test_labels_one_hot_or_index_give_identical_fits(cls, classifier, data) -> N
     np.testing.assert_array_equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("cls", [KNNDetector, IDefender], ids=NAME.get)
+@pytest.mark.parametrize("cls", [KNNDetector, IDefenderDetector], ids=NAME.get)
 def test_classifier_preprocessing_is_honoured(cls, digits_cnn, data) -> None:
     """A (mean, std) classifier around a model that undoes it scores as the plain classifier does."""
     mean, std = 0.3, 0.4
@@ -288,7 +294,7 @@ def test_work_in_eval_mode_and_training_flags_restored(digits_cnn, data) -> None
     """A dropout model left in training mode: detection is deterministic (eval mode), the flags come back."""
     layers = list(copy.deepcopy(digits_cnn))
     model = nn.Sequential(*layers[:-1], nn.Dropout(0.5), layers[-1]).train()
-    detector = IDefender(make_classifier(model), n_components=1)
+    detector = IDefenderDetector(make_classifier(model), n_components=1)
     detector.fit(data["x_train"][:400], data["y_train"][:400])
     assert all(module.training for module in model.modules())
     first, second = (detector.detect(data["x_test"][:40])[0]["score"] for _ in range(2))
@@ -301,7 +307,7 @@ def test_work_in_eval_mode_and_training_flags_restored(digits_cnn, data) -> None
 
 @pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
 def test_detect_before_fit(cls, classifier, data) -> None:
-    with pytest.raises(RuntimeError, match="not fitted yet"):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
         cls(classifier).detect(data["x_test"][:3])
 
 
@@ -347,7 +353,7 @@ def test_set_params_rejects_unknown_keys_and_restores_on_bad_values(cls, classif
     detector.set_params(fpr=0.2)  # only the threshold moves: the fit is kept (see the re-calibration test)
     detector.detect(data["x_test"][:3])
     detector.set_params(random_state=7)  # the split the fit came from: the fit is discarded
-    with pytest.raises(RuntimeError, match=r"not fitted yet.*set_params changed \['random_state'\]"):
+    with pytest.raises(NotFittedError, match=r"not fitted yet.*set_params changed \['random_state'\]"):
         detector.detect(data["x_test"][:3])
 
 
@@ -370,9 +376,10 @@ def test_save_load_gives_identical_scores(cls, fitted, classifier, data, tmp_pat
     detector.save(tmp_path / "detector")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.safetensors"]
     manifest = json.loads((tmp_path / "detector.json").read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION == 2 and manifest["detector"] == cls.__name__
+    assert manifest["schema_version"] == SCHEMA_VERSION == 3 and manifest["detector"] == cls.__name__
     assert manifest["config"] == detector.get_params()
-    assert manifest["classifier_sha256"] == classifier_hash(classifier)
+    assert manifest["state"] == json.loads(json.dumps(detector.plugin_.get_state()[1]))  # the plugin's state
+    assert manifest["classifier_sha256"] == module_sha256(classifier.model)
     loaded = cls.load(tmp_path / "detector", classifier)
     assert loaded.get_params() == detector.get_params()
     np.testing.assert_array_equal(np.asarray(loaded.threshold_), np.asarray(detector.threshold_))
@@ -381,26 +388,27 @@ def test_save_load_gives_identical_scores(cls, fitted, classifier, data, tmp_pat
     np.testing.assert_array_equal(loaded_report["score"], report["score"])
     np.testing.assert_array_equal(loaded_report["threshold"], report["threshold"])
     np.testing.assert_array_equal(loaded_flagged, flagged)
-    assert loaded.calibration_.keys() == detector.calibration_.keys() == set(cls.calibration_keys)
-    for key, value in detector.calibration_.items():
-        np.testing.assert_array_equal(loaded.calibration_[key], value)
+    parts = {"score", "class", "tie_break"} if cls is KNNDetector else {"score", "class"}
+    assert loaded.plugin_.calibration_.keys() == detector.plugin_.calibration_.keys() == parts
+    for key, value in detector.plugin_.calibration_.items():
+        np.testing.assert_array_equal(loaded.plugin_.calibration_[key], value)
 
 
 def test_idefender_mixtures_rebuilt_from_arrays(fitted, classifier, data, tmp_path: Path) -> None:
-    detector = fitted[IDefender]
+    detector = fitted[IDefenderDetector]
     detector.save(tmp_path / "idefender")
-    loaded = IDefender.load(tmp_path / "idefender", classifier)
+    loaded = IDefenderDetector.load(tmp_path / "idefender", classifier)
     hidden = detector.plugin_.hidden(torch.tensor(data["x_test"][:100])).numpy()
     for original, rebuilt in zip(detector.plugin_.mixtures_, loaded.plugin_.mixtures_, strict=True):
         np.testing.assert_array_equal(rebuilt.score_samples(hidden), original.score_samples(hidden))
         np.testing.assert_array_equal(rebuilt.predict(hidden), original.predict(hidden))
         assert rebuilt.n_iter_ == original.n_iter_ and rebuilt.converged_ == original.converged_
-    # the save is the plugin's to_state(), restored by its from_state()
-    (arrays, state), (loaded_arrays, loaded_state) = detector.plugin_.to_state(), loaded.plugin_.to_state()
+    # the save is the plugin's get_state(), restored by its from_state()
+    (arrays, state), (loaded_arrays, loaded_state) = detector.plugin_.get_state(), loaded.plugin_.get_state()
     assert loaded_state == state and loaded_arrays.keys() == arrays.keys()
     for name, value in arrays.items():
         np.testing.assert_array_equal(loaded_arrays[name], value)
-    assert state["config"]["calibration"] == "train" and state["keep"] == detector.keep_ == 0.95
+    assert state["calibration"]["fpr"] == 1 - detector.keep_ and detector.keep_ == 0.95
 
 
 def test_knn_backend_threads_through_fit_detect_save_and_load(
@@ -421,7 +429,7 @@ def test_knn_backend_threads_through_fit_detect_save_and_load(
     np.testing.assert_array_equal(loaded.detect(x)[0]["score"], report["score"])
     assert torch.equal(loaded.plugin_.reference_predictions_, detector.plugin_.reference_predictions_)
     assert torch.equal(loaded.plugin_.score_references(), detector.plugin_.score_references())
-    with pytest.raises(ValueError, match="backend must be one of torch, faiss; got 'annoy'"):
+    with pytest.raises(ValueError, match="backend must be one of 'torch', 'faiss'; got 'annoy'"):
         detector.set_params(backend="annoy")
     assert detector.backend == "faiss" and hasattr(detector, "plugin_")
 
@@ -451,13 +459,14 @@ REFUSALS = {
     "tampered": (_tamper, r"sha256 \(truncated or modified\)"),
     "truncated": (_truncate, "truncated"),
     "future_schema": (
-        lambda base: _edit_manifest(base, schema_version=3),
-        "schema_version 3.*versions 1 to 2",
+        lambda base: _edit_manifest(base, schema_version=4),
+        "schema_version 4.*versions 2 to 3",
     ),
-    "other_detector": (lambda base: _edit_manifest(base, detector="Other"), "holds a 'Other' detector"),
+    "version_1": (lambda base: _edit_manifest(base, schema_version=1), "schema_version 1.*versions 2 to 3"),
+    "other_detector": (lambda base: _edit_manifest(base, detector="Other"), r"edited: \['detector'\]"),
     "pickle_tensors": (_pickle_tensors, "not a safetensors file"),
     "edited_config": (lambda base: _edit_manifest(base, config={}), r"edited: \['config'\]"),
-    "edited_threshold": (lambda base: _edit_manifest(base, threshold=1e9), r"edited: \['threshold'\]"),
+    "edited_state": (lambda base: _edit_manifest(base, state={}), r"edited: \['state'\]"),
 }
 
 
@@ -506,9 +515,9 @@ def test_save_is_atomic_and_leaves_no_temporary_files(fitted, tmp_path: Path, mo
     def failing_replace(source: str, target: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("xaiadv.bridge.art_detectors.os.replace", failing_replace)
+    monkeypatch.setattr("xaiadv.plugins.storage.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        fitted[IDefender].save(tmp_path / "detector")
+        fitted[IDefenderDetector].save(tmp_path / "detector")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old save intact, no temp files
 
 
@@ -565,10 +574,10 @@ def test_default_knn_detector_flags_about_fpr_of_clean_and_more_adversarial(digi
     assert adversarial_rate >= KNN_TRIAL["adversarial_at_least"], adversarial_rate
     assert adversarial_rate > 3 * clean_rate
     # on the held-out calibration images the rate is at most fpr, and short of it by less than 1/n
-    calibration = detector.calibration_
+    calibration = detector.plugin_.calibration_
     n = len(calibration["score"])
     calibration_flags = flag_tie_broken(
-        calibration["score"], calibration["distance"], detector.threshold_, detector.distance_threshold_
+        calibration["score"], calibration["tie_break"], detector.threshold_, detector.distance_threshold_
     )
     assert 0.05 - 1 / n < calibration_flags.mean() <= 0.05
     truth = np.r_[np.zeros(len(x_test)), np.ones(len(adversarial))]
@@ -582,19 +591,18 @@ def test_set_params_fpr_recalibrates_keeping_the_fit(cls, classifier, data, tmp_
     x, y, x_test = data["x_train"][:600], data["y_train"][:600], data["x_test"]
     detector = cls(classifier)
     detector.fit(x, y)
-    plugin, calibration = detector.plugin_, detector.calibration_
+    plugin, calibration = detector.plugin_, detector.plugin_.calibration_
     (report, flagged), old = detector.detect(x_test), thresholds_of(detector)
     detector.set_params(fpr=0.1)
-    assert detector.plugin_ is plugin and detector.calibration_ is calibration and detector.fpr == 0.1
+    assert detector.plugin_ is plugin and plugin.calibration_ is calibration and detector.fpr == 0.1
     new_report, new_flagged = detector.detect(x_test)
     np.testing.assert_array_equal(new_report["score"], report["score"])  # the fit is kept
-    if cls is IDefender:
-        expected = per_class_thresholds(calibration["score"], calibration["prediction"], 10, 0.1)
+    if cls is IDefenderDetector:
+        expected = per_class_thresholds(calibration["score"], calibration["class"], 10, 0.1)
         np.testing.assert_array_equal(detector.threshold_, expected)
-        np.testing.assert_array_equal(-detector.plugin_.thresholds_.numpy(), expected)
-        assert detector.plugin_.keep_ == detector.plugin_.keep == pytest.approx(0.9)
+        assert detector.plugin_.fpr_ == 1 - detector.keep_ == pytest.approx(0.1)
     elif cls is KNNDetector:
-        pair = tie_broken_threshold_at_fpr(calibration["score"], calibration["distance"], 0.1)
+        pair = tie_broken_threshold_at_fpr(calibration["score"], calibration["tie_break"], 0.1)
         assert (detector.threshold_, detector.distance_threshold_) == pair
     else:
         assert detector.threshold_ == threshold_at_fpr(calibration["score"], 0.1)
@@ -622,58 +630,52 @@ def thresholds_of(detector: Any) -> np.ndarray:
 
 
 def test_idefender_keep_recalibrates_and_takes_precedence_over_fpr(classifier, data) -> None:
-    detector = IDefender(classifier)
+    detector = IDefenderDetector(classifier)
     detector.fit(data["x_train"][:600], data["y_train"][:600])
     scores = detector.detect(data["x_test"][:50])[0]["score"]
     detector.set_params(keep=0.9)
     by_keep = detector.threshold_.copy()
     np.testing.assert_array_equal(
         by_keep,
-        per_class_thresholds(detector.calibration_["score"], detector.calibration_["prediction"], 10, 0.1),
+        per_class_thresholds(
+            detector.plugin_.calibration_["score"], detector.plugin_.calibration_["class"], 10, 0.1
+        ),
     )
     detector.set_params(fpr=0.3)  # keep is given: fpr is not used, the thresholds stay
     np.testing.assert_array_equal(detector.threshold_, by_keep)
     np.testing.assert_array_equal(detector.detect(data["x_test"][:50])[0]["score"], scores)
 
 
-def _as_version_1(base: Path) -> None:
-    """Rewrite a save as schema version 1 wrote it: no calibration arrays, no kNN tie-break or PCA width."""
-    tensors, manifest_path = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
-    data = tensors.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    record = json.loads(json.loads(data[8 : 8 + length])["__metadata__"]["xaiadv_detector"])
-    for key in ("distance_threshold", "n_components"):
-        record["fitted"].pop(key, None)
-    arrays = {k: v for k, v in load_safetensors(data).items() if not k.startswith("calibration.")}
-    rewritten = save_safetensors(arrays, metadata={"xaiadv_detector": json.dumps(record, sort_keys=True)})
-    tensors.write_bytes(rewritten)
-    manifest = {**json.loads(manifest_path.read_text()), **record, "schema_version": 1}
-    manifest["tensors_sha256"] = hashlib.sha256(rewritten).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+V2_SAVES = Path(__file__).parent / "data" / "detector_saves_v2"
 
 
-@pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
-def test_a_version_1_save_loads_and_asks_for_a_refit_to_recalibrate(
-    cls, fitted, classifier, data, tmp_path: Path
-) -> None:
-    detector, x = fitted[cls], data["x_test"]
-    detector.save(tmp_path / "detector")
-    _as_version_1(tmp_path / "detector")
-    loaded = cls.load(tmp_path / "detector", classifier)
-    assert not hasattr(loaded, "calibration_")
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(SpatialEntropyDetector, "entropy"), (KNNDetector, "knn"), (IDefenderDetector, "idefender")],
+    ids=["entropy", "knn", "idefender"],
+)
+def test_a_version_2_save_loads_and_detects_as_it_did(cls, name, tmp_path: Path) -> None:
+    """Saves written by xaiadv before the Detector contract (schema 2; make_v2_saves.py beside them),
+    I-defender's under its former class name IDefender: the same scores and flags, re-calibration works."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    model.load_state_dict(load_file(V2_SAVES / "model.safetensors"))
+    classifier = make_classifier(model.eval())
+    assert json.loads((V2_SAVES / f"{name}.json").read_text())["schema_version"] == 2
+    x = (load_digits().images[1400:1460, None] / 16.0).astype(np.float32)
+    expected = np.load(V2_SAVES / "expected.npz")
+    loaded = cls.load(V2_SAVES / name, classifier)
     report, flagged = loaded.detect(x)
-    np.testing.assert_array_equal(report["score"], detector.detect(x)[0]["score"])
-    np.testing.assert_array_equal(flagged, report["score"] > report["threshold"])  # version 1's rule
-    loaded.set_params(fpr=0.05)  # unchanged: nothing to do
-    with pytest.raises(RuntimeError, match=r"cannot re-calibrate.*schema_version 1.*fit the detector again"):
-        loaded.set_params(fpr=0.1)
-    assert loaded.get_params() == detector.get_params()  # all or nothing
-    np.testing.assert_array_equal(loaded.detect(x)[1], flagged)
-    loaded.save(tmp_path / "again")  # saved again: still without calibration scores, and it says so
-    again = cls.load(tmp_path / "again", classifier)
-    np.testing.assert_array_equal(again.detect(x)[1], flagged)
-    with pytest.raises(RuntimeError, match="cannot re-calibrate"):
-        again.set_params(fpr=0.1)
+    np.testing.assert_allclose(report["score"], expected[f"{name}.score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flagged, expected[f"{name}.flags"])
+    np.testing.assert_array_equal(flagged, expected_flags(cls, report))
+    before = thresholds_of(loaded)
+    loaded.set_params(fpr=0.2)  # the saved clean calibration scores: re-calibrated, not refitted
+    assert loaded.detect(x)[1].sum() > flagged.sum() and not np.array_equal(thresholds_of(loaded), before)
+    loaded.save(tmp_path / name)  # saved again: today's version, the same detector
+    assert json.loads((tmp_path / f"{name}.json").read_text())["schema_version"] == SCHEMA_VERSION
+    again = cls.load(tmp_path / name, classifier)
+    np.testing.assert_array_equal(again.detect(x)[0]["score"], loaded.detect(x)[0]["score"])
+    np.testing.assert_array_equal(thresholds_of(again), thresholds_of(loaded))
 
 
 def test_save_into_an_existing_folder_writes_inside_it(fitted, classifier, data, tmp_path: Path) -> None:
@@ -722,7 +724,7 @@ def test_knn_default_pca_width_is_fitted_saved_and_loaded(classifier, data, tmp_
     detector.fit(x, y)  # raised "n_components=256 must be <= ... min(400, 16)" with the old default
     assert detector.get_params()["n_components"] is None and detector.plugin_.n_components_ == 16
     detector.save(tmp_path / "knn")
-    assert json.loads((tmp_path / "knn.json").read_text())["fitted"]["n_components"] == 16
+    assert json.loads((tmp_path / "knn.json").read_text())["state"]["fitted"]["n_components"] == 16
     loaded = KNNDetector.load(tmp_path / "knn", classifier)
     assert loaded.plugin_.n_components_ == 16 and loaded.get_params()["n_components"] is None
     (report, flagged), (loaded_report, loaded_flagged) = (

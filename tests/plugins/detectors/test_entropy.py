@@ -12,6 +12,7 @@ import pytest
 import torch
 from art.attacks.evasion import FastGradientMethod
 from art.estimators.classification import PyTorchClassifier
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
@@ -257,7 +258,7 @@ def test_functional_activations_are_refused(tiny_model: Factory) -> None:
 def test_bad_configuration_and_input_refused(tiny_model: Factory) -> None:
     model = tiny_model("cnn")
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="target must be one of activations, logit"):
+    with pytest.raises(ValueError, match="target must be one of 'activations', 'logit'"):
         SpatialEntropy(model, target="loss")
     with pytest.raises(ValueError, match="patch must be an int >= 2"):
         SpatialEntropy(model, patch=1)
@@ -266,7 +267,7 @@ def test_bad_configuration_and_input_refused(tiny_model: Factory) -> None:
     with pytest.raises(ValueError, match=r"\['nope'\] not in the model; its layers are: 0, 1, 2, 3"):
         SpatialEntropy(model, layer="nope")
     detector = SpatialEntropy(model)
-    with pytest.raises(ValueError, match=r"not fitted; call fit\(x_clean\) first"):
+    with pytest.raises(NotFittedError, match=r"not fitted yet: call fit\(x, y\) first"):
         detector.score(x)
     nan_x = x.clone()
     nan_x[1, 0, 2, 2] = float("nan")

@@ -17,6 +17,7 @@ from art.attacks.evasion import FastGradientMethod
 from art.estimators.classification import PyTorchClassifier
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
+from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from xaiadv.plugins.detectors.knn import BACKENDS, KNNScore
@@ -169,7 +170,7 @@ def test_reference_scores_leave_one_out_equal_the_oracle(
     assert torch.equal(detector.reference_predictions_, torch.from_numpy(predictions))
     scores = detector.score_references()
     expected = loo_scores_oracle(references, labels, predictions, k, weighting)
-    assert scores.dtype == torch.float32 and scores.shape == (150,)
+    assert scores.dtype == torch.float64 and scores.shape == (150,)
     np.testing.assert_allclose(scores.numpy(), expected, rtol=0, atol=1e-6)
     if k == 1:  # point 10's one neighbour is its first copy, 40 (label 1), not itself (label 0)
         assert float(scores[10]) == float(labels[40] != predictions[10])
@@ -230,7 +231,7 @@ def test_faiss_backend_without_faiss_names_the_extra(monkeypatch: pytest.MonkeyP
 
 def test_reference_scores_need_a_fit_and_k_below_the_reference_count() -> None:
     detector = KNNScore(vector_model(2), layer="0", k=3, preprocess=None)
-    with pytest.raises(RuntimeError, match="not fitted yet"):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
         detector.score_references()
     detector.fit(torch.rand(3, 2), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="k=3 must be <= 2"):
@@ -266,7 +267,7 @@ def test_each_weighting_matches_eq2_by_hand(weighting: str) -> None:
     query = torch.zeros(1, 1)
     torch.testing.assert_close(detector.class_scores(query), torch.tensor([HAND[weighting]]))
     # the model predicts class 1: score = 1 - s(q, 1)
-    torch.testing.assert_close(detector.score(query), torch.tensor([1.0 - HAND[weighting][1]]))
+    torch.testing.assert_close(detector.score(query).float(), torch.tensor([1.0 - HAND[weighting][1]]))
     assert HAND["rank"] == pytest.approx([0.6, 0.4, 0.0])
 
 
@@ -278,7 +279,9 @@ def test_distance_weighting_with_exact_matches_is_finite() -> None:
     torch.testing.assert_close(scores[0], torch.tensor([0.5, 0.5, 0.0]))
     torch.testing.assert_close(scores[1], torch.tensor([0.0, 1.0, 0.0]))  # one exact match: all its weight
     torch.testing.assert_close(scores[2], torch.tensor([1 / 2.25, 1.25 / 2.25, 0.0]))  # 1, 1, 1/4
-    torch.testing.assert_close(detector.score(torch.tensor([[2.0]])), torch.tensor([0.5]))
+    torch.testing.assert_close(
+        detector.score(torch.tensor([[2.0]])), torch.tensor([0.5], dtype=torch.float64)
+    )
 
 
 def test_class_absent_from_fitting_data_scores_zero() -> None:
@@ -399,7 +402,7 @@ def test_scores_do_not_depend_on_batching_or_order(digits, digits_cnn: nn.Module
     empty_distances, empty_indices = reference.neighbours(torch.empty(0, 16))
     assert empty_distances.shape == empty_indices.shape == (0, 7)
     # a reference image is its own nearest neighbour: DW-kNN puts all the weight on it
-    torch.testing.assert_close(reference.score(x[60:]), torch.zeros(5))
+    torch.testing.assert_close(reference.score(x[60:]), torch.zeros(5, dtype=torch.float64))
 
 
 # Measured (eps=0.15, k=10, 80 successful FGSM examples of the first 100 correctly classified test
@@ -447,12 +450,12 @@ def with_nan(x: torch.Tensor) -> torch.Tensor:
 
 
 CONSTRUCTOR_ERRORS: dict[str, tuple[dict[str, object], str]] = {
-    "weighting": ({"weighting": "gaussian"}, "weighting must be one of uniform, rank, distance"),
-    "preprocess": ({"preprocess": "zca"}, r"preprocess must be one of \(None, 'l2', 'pca'\)"),
+    "weighting": ({"weighting": "gaussian"}, "weighting must be one of 'uniform', 'rank', 'distance'"),
+    "preprocess": ({"preprocess": "zca"}, "preprocess must be one of None, 'l2', 'pca'"),
     "k zero": ({"k": 0}, "k must be an int > 0"),
     "k float": ({"k": 2.0}, "k must be an int > 0"),
     "chunk_size": ({"chunk_size": -1}, "chunk_size must be an int > 0"),
-    "backend": ({"backend": "annoy"}, "backend must be one of torch, faiss; got 'annoy'"),
+    "backend": ({"backend": "annoy"}, "backend must be one of 'torch', 'faiss'; got 'annoy'"),
     "layer": ({"layer": "conv9"}, r"layer\(s\) \['conv9'\] not in the model; its layers are: inner, inner.0"),
     "preprocessing": ({"preprocessing": (0.5,)}, r"preprocessing must be None or a pair \(mean, std\)"),
 }
@@ -515,7 +518,7 @@ def test_pca_components_are_checked(digits, digits_cnn: nn.Module) -> None:
 def test_bad_query_input_is_refused(digits, digits_cnn: nn.Module, counting_model: type[nn.Module]) -> None:
     model = counting_model(digits_cnn)
     detector = KNNScore(model, k=3)
-    with pytest.raises(RuntimeError, match=r"not fitted yet: call fit\(x, y\) first"):
+    with pytest.raises(NotFittedError, match=r"not fitted yet: call fit\(x, y\) first"):
         detector.score(digits.x_test[:2])
     one_hot = nn.functional.one_hot(digits.y_train[:40], 10)
     detector.fit(digits.x_train[:40], one_hot)
