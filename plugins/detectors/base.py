@@ -145,9 +145,10 @@ class Detector(abc.ABC):
 
     def recalibrate(self, *, fpr: float, per_class: bool | None = None) -> Self:
         """The threshold at another ``fpr`` from the clean scores :meth:`calibrate` kept: no forward pass,
-        the same threshold :meth:`calibrate` gives on those images."""
-        fpr, per_class = check_fpr(fpr), self._per_class(per_class)
+        the same threshold :meth:`calibrate` gives on those images; ``per_class`` None keeps the current."""
         self._check_calibrated()
+        fpr = check_fpr(fpr)
+        per_class = self.per_class_ if per_class is None else checks.boolean("per_class", per_class)
         self._set_thresholds(fpr, per_class, *self._thresholds(self.calibration_, fpr, per_class))
         return self
 
