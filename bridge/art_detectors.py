@@ -13,6 +13,7 @@ clean data (or on all of it, with ``x_calibration``), the threshold set on the r
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, ClassVar, Self
 
@@ -42,8 +43,10 @@ class _ARTDetector(EvasionDetector):
     """Shared body: parameters, conversion, save and load; a subclass names its plugin and its parameters."""
 
     plugin_class: ClassVar[type[Detector]]
-    #: The plugin's parameters the adapter exposes, with their defaults; then the adapter's own.
+    #: The parameters the adapter exposes with their defaults: the plugin's (its ``config_names``, defaults
+    #: read from its constructor: one place for each), the adapter's own, and those of the calibration.
     plugin_params: ClassVar[dict[str, Any]]
+    own_params: ClassVar[dict[str, Any]] = {}
     calibration_params: ClassVar[dict[str, Any]] = {"fpr": 0.05, "calibration_share": 0.2, "random_state": 0}
     #: Parameters that only move the threshold: changed on a fitted detector, it is re-calibrated.
     threshold_params: ClassVar[frozenset[str]] = frozenset({"fpr"})
@@ -52,6 +55,10 @@ class _ARTDetector(EvasionDetector):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        defaults = inspect.signature(cls.plugin_class).parameters
+        plugin = {name: defaults[name].default for name in cls.plugin_class.config_names}
+        shared = cls.calibration_params  # random_state: the split's seed, and the plugin's where it has one
+        cls.plugin_params = {**{k: v for k, v in plugin.items() if k not in shared}, **cls.own_params}
         cls.defence_params = [*cls.plugin_params, *cls.calibration_params]
         cls.saved_names = (cls.__name__, *cls.saved_names)
 
@@ -132,14 +139,8 @@ class _ARTDetector(EvasionDetector):
         x_tensor = self._as_tensor(x)
         labels = checks.check_labels(y, x_tensor.shape[0], self.classifier.nb_classes, x_tensor.device)
         held = None if x_calibration is None else self._as_tensor(x_calibration, "x_calibration")
-        self.plugin_ = plugin.fit_calibrated(
-            x_tensor,
-            labels,
-            fpr=self._fpr(),
-            calibration_share=self.calibration_share,
-            random_state=self.random_state,
-            x_calibration=held,
-        )
+        split = {"calibration_share": self.calibration_share, "random_state": self.random_state}
+        self.plugin_ = plugin.fit_calibrated(x_tensor, labels, fpr=self._fpr(), x_calibration=held, **split)
         self.__dict__.pop("_discarded", None)
 
     def detect(
@@ -153,88 +154,57 @@ class _ARTDetector(EvasionDetector):
         self.plugin_.batch_size = checks.positive_int("batch_size", batch_size)
         decision = self.plugin_.decide(self._as_tensor(x))
         threshold = _numpy(decision.threshold) if self.plugin_.per_class_ else float(self.plugin_.threshold_)
-        return self._report({"score": _numpy(decision.score), "threshold": threshold}, decision), _numpy(
-            decision.flags
-        )
+        report = {"score": _numpy(decision.score), "threshold": threshold}
+        return self._report(report, decision), _numpy(decision.flags)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """``<path>.safetensors`` and ``<path>.json`` (an existing folder, or a trailing separator:
-        ``detector.*`` inside it), written atomically; missing folders are created. ``load`` takes the same
-        ``path``."""
+        """``<path>.safetensors`` + ``<path>.json`` (a folder: ``detector.*`` in it), atomically."""
         self._check_fitted()
         arrays, state = self.plugin_.get_state()
-        record = {
-            "detector": type(self).__name__,
-            "config": self.get_params(),
-            "state": state,
-            "classifier_sha256": storage.module_sha256(self.classifier.model),
-        }
-        storage.save_record(path, arrays, record)
+        name, config, module = type(self).__name__, self.get_params(), self.classifier.model
+        storage.save_detector(path, arrays, name=name, config=config, state=state, module=module)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], classifier: PyTorchClassifier) -> Self:
         """The detector saved at ``path`` for ``classifier``, the one it was fitted with (hash checked)."""
-        arrays, record, version = storage.load_record(path)
-        _, tensors_path, manifest_path = storage.record_paths(path)
-        if record.get("detector") not in cls.saved_names:
-            raise ValueError(
-                f"{manifest_path} holds a {record.get('detector')!r} detector, not a {cls.__name__}: load it "
-                f"with that class, or {storage.REFIT}"
-            )
         if not isinstance(classifier, PyTorchClassifier):
             raise TypeError(f"classifier must be an ART PyTorchClassifier; got {type(classifier).__name__}")
+        arrays, record, version = storage.load_detector(path, names=cls.saved_names, module=classifier.model)
         try:
             detector = cls(classifier, **record["config"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                f"{manifest_path} holds an invalid configuration ({error}): {storage.REFIT}"
-            ) from None
-        if storage.module_sha256(classifier.model) != record.get("classifier_sha256"):
-            raise ValueError(
-                f"{manifest_path} was fitted with a different classifier (parameter hash mismatch): the "
-                f"detector describes that network's features only; {storage.REFIT} with this classifier"
-            )
-        try:
             arrays, state = detector._version_2(arrays, record) if version == 2 else (arrays, record["state"])
             detector.plugin_ = cls.plugin_class.from_state(
                 detector._classifier(), arrays, state, batch_size=128
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{tensors_path} could not be restored ({error}): {storage.REFIT}") from None
+            raise ValueError(f"{os.fspath(path)} could not be restored ({error}): {storage.REFIT}") from None
         return detector
 
     def _version_2(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> tuple[dict, dict]:
         """A version-2 save (the adapter's own fitted dict and threshold) as the plugin's ``get_state()``."""
-        arrays, fitted = dict(arrays), dict(record["fitted"])
-        for old, new in (("distance", "tie_break"), ("prediction", "class")):
-            if f"calibration.{old}" in arrays:
-                arrays[f"calibration.{new}"] = arrays.pop(f"calibration.{old}")
-        arrays.pop("thresholds", None)  # I-defender's, in log-likelihood; the record has them in score units
+        renamed = {
+            "calibration.distance": "calibration.tie_break",
+            "calibration.prediction": "calibration.class",
+        }
+        arrays = {renamed.get(key, key): value for key, value in arrays.items() if key != "thresholds"}
+        fitted = {key: value for key, value in record["fitted"].items() if key not in ("config", "keep")}
         calibration = {
             "fpr": self._fpr(),
             "per_class": self.plugin_class.per_class_default,
             "threshold": record["threshold"],
             "tie_break_threshold": fitted.pop("distance_threshold", None),
         }
-        fitted = {key: value for key, value in fitted.items() if key not in ("config", "keep")}
-        config = self._plugin(128).get_config()
-        return arrays, {
-            "detector": self.plugin_class.__name__,
-            "config": config,
-            "fitted": fitted,
-            "calibration": calibration,
-        }
+        state = {"detector": self.plugin_class.__name__, "config": self._plugin(128).get_config()}
+        return arrays, {**state, "fitted": fitted, "calibration": calibration}
 
     def _fpr(self) -> float:
         """The false-positive rate the threshold is set at."""
         return self.fpr
 
-    def _plugin_kwargs(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.plugin_params}
-
     def _plugin(self, batch_size: int) -> Detector:
         """An unfitted plugin with this adapter's parameters, on the classifier's module and preprocessing."""
-        return self.plugin_class(self._classifier(), **self._plugin_kwargs(), batch_size=batch_size)
+        params = {key: getattr(self, key) for key in self.plugin_class.config_names}
+        return self.plugin_class(self._classifier(), **params, batch_size=batch_size)
 
     def _classifier(self) -> Classifier:
         like = np.zeros((1, *self.classifier.input_shape), dtype=np.float32)
@@ -249,19 +219,17 @@ class _ARTDetector(EvasionDetector):
         return report
 
     def _as_tensor(self, x: object, name: str = "x") -> torch.Tensor:
-        """``x`` as a float32 tensor on the classifier's device, checked against its input shape."""
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array; got {type(x).__name__}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+        """``x`` (a floating numpy array) as float32 on the classifier's device, shaped as its input."""
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(
+                f"{name} must be a floating-point numpy array; got {getattr(x, 'dtype', type(x))}"
+            )
         shape = tuple(self.classifier.input_shape)
-        if tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
+        if x.shape[1:] != shape or x.ndim != len(shape) + 1:
             raise ValueError(f"{name} must be shaped (N, {', '.join(map(str, shape))}); got {x.shape}")
-        return checks.check_batch(torch.as_tensor(np.array(x, dtype=np.float32)), name=name).to(
-            self.classifier.device
-        )
+        tensor = checks.check_batch(torch.as_tensor(x, dtype=torch.float32), name=name)
+        return tensor.to(self.classifier.device)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "plugin_"):
@@ -278,41 +246,19 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 @detectors.register("xaiadv:SpatialEntropyDetector")
 class SpatialEntropyDetector(_ARTDetector):
-    """Amirian et al. 2018 (seeds/000, eqs. 3-4): mean local spatial entropy of the guided-backprop feature
-    response, :class:`~xaiadv.plugins.detectors.SpatialEntropy`; one global threshold at ``fpr``.
-
-    Parameters: layer (default the last Conv2d), target ("activations" or "logit"), patch (3), fpr,
-    calibration_share, random_state.
-    """
+    """Amirian et al. 2018 (seeds/000, eqs. 3-4), :class:`~xaiadv.plugins.detectors.SpatialEntropy`: mean
+    local spatial entropy of the guided-backprop feature response; one global threshold at ``fpr``."""
 
     plugin_class = plugin_detectors.SpatialEntropy
-    plugin_params: ClassVar[dict[str, Any]] = {"layer": None, "target": "activations", "patch": 3}
 
 
 @detectors.register("xaiadv:KNNDetector")
 class KNNDetector(_ARTDetector):
-    """Carrara et al. 2017 (seeds/003, eq. 2): one minus the kNN score of the predicted class on deep
-    features, :class:`~xaiadv.plugins.detectors.KNNScore`; one global threshold at ``fpr``, the score's ties
-    at it broken by the mean neighbour distance (measured with a 4-channel digits CNN: 11% of clean scores
-    were exactly 1, the threshold 1, and score > threshold flagged nothing). ``report["score"]`` stays eq. 2's
-    score; the report adds ``"mean_distance"`` (N,) and ``"distance_threshold"``.
-
-    Parameters: layer (default the last Conv2d), k, weighting ("uniform", "rank", "distance"), preprocess
-    (None, "l2", "pca"), n_components (PCA width; None: as many as the features allow, at most 256),
-    chunk_size (search memory), backend ("torch", or "faiss": ``pip install xaiadv[faiss]``; the same
-    neighbours), fpr, calibration_share, random_state.
-    """
+    """Carrara et al. 2017 (seeds/003, eq. 2), :class:`~xaiadv.plugins.detectors.KNNScore`: one minus the kNN
+    score of the predicted class on deep features; one global threshold at ``fpr``, its ties broken by the
+    mean neighbour distance. ``report`` adds ``"mean_distance"`` (N,) and ``"distance_threshold"``."""
 
     plugin_class = plugin_detectors.KNNScore
-    plugin_params: ClassVar[dict[str, Any]] = {
-        "layer": None,
-        "k": 10,
-        "weighting": "uniform",
-        "preprocess": "l2",
-        "n_components": None,
-        "chunk_size": 2048,
-        "backend": "torch",
-    }
 
     @property
     def distance_threshold_(self) -> float | np.ndarray | None:
@@ -327,27 +273,17 @@ class KNNDetector(_ARTDetector):
 
 @detectors.register("xaiadv:IDefenderDetector")
 class IDefenderDetector(_ARTDetector):
-    """Zheng & Hong 2018 (seeds/002, eqs. 4-5): -log p(hidden | predicted class) under that class's Gaussian
-    mixture, :class:`~xaiadv.plugins.detectors.IDefender`; per-class thresholds, grouped by predicted class.
+    """Zheng & Hong 2018 (seeds/002, eqs. 4-5), :class:`~xaiadv.plugins.detectors.IDefender`: -log p(hidden |
+    predicted class) under that class's Gaussian mixture; one threshold per predicted class.
 
-    ``keep`` is the paper's share of clean samples kept per class (ID-95: keep=0.95). ``keep=None`` (default)
-    means ``keep = 1 - fpr``; a given ``keep`` takes precedence and ``fpr`` is then not used.
-    ``report["threshold"]`` is each sample's predicted-class threshold (score units).
-
-    Parameters: layer (default: the input of the last Linear), n_components, covariance_type, reg_covar,
-    keep, fpr, calibration_share (0.3 here: thresholds are per class, so each class needs enough held-out
-    samples; measured on the digits CNN, 8 split seeds, clean test FPR at fpr=0.05: share 0.2 -> 0.064 ..
-    0.087, share 0.3 -> 0.042 .. 0.070), random_state (the split and the mixtures).
+    ``keep``: the paper's share of clean samples kept per class (ID-95: keep=0.95); None (default) means
+    ``1 - fpr``, a given ``keep`` takes precedence. ``calibration_share`` is 0.3 here: each class needs enough
+    held-out samples (digits CNN, 8 split seeds, clean test FPR at fpr=0.05: share 0.2 -> 0.064 .. 0.087,
+    0.3 -> 0.042 .. 0.070). ``random_state`` seeds the split and the mixtures.
     """
 
     plugin_class = plugin_detectors.IDefender
-    plugin_params: ClassVar[dict[str, Any]] = {
-        "layer": None,
-        "n_components": 5,
-        "covariance_type": "full",
-        "reg_covar": 1e-2,
-        "keep": None,
-    }
+    own_params: ClassVar[dict[str, Any]] = {"keep": None}
     calibration_params: ClassVar[dict[str, Any]] = {
         **_ARTDetector.calibration_params,
         "calibration_share": 0.3,
@@ -367,7 +303,3 @@ class IDefenderDetector(_ARTDetector):
 
     def _fpr(self) -> float:
         return 1.0 - self.keep_
-
-    def _plugin_kwargs(self) -> dict[str, Any]:
-        params = {key: value for key, value in super()._plugin_kwargs().items() if key != "keep"}
-        return {**params, "random_state": self.random_state}

@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,41 @@ def load_record(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], di
             f"{REFIT}"
         )
     return load_safetensors(data), record, version
+
+
+def save_detector(
+    path: str | os.PathLike[str],
+    arrays: dict[str, np.ndarray],
+    *,
+    name: str,
+    config: dict[str, Any],
+    state: dict[str, Any],
+    module: nn.Module,
+) -> None:
+    """A fitted detector: its ``get_state()`` (``arrays``, ``state``), the ``name`` and ``config`` that
+    rebuild it, and :func:`module_sha256` of the ``module`` it describes (:func:`save_record`)."""
+    record = {"detector": name, "config": config, "state": state, "classifier_sha256": module_sha256(module)}
+    save_record(path, arrays, record)
+
+
+def load_detector(
+    path: str | os.PathLike[str], *, names: Sequence[str], module: nn.Module
+) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
+    """(arrays, record, version) of :func:`load_record`, refused unless the save holds a detector named one
+    of ``names`` and was fitted on ``module`` (its features describe that network only)."""
+    arrays, record, version = load_record(path)
+    manifest_path = record_paths(path)[2]
+    if record.get("detector") not in names:
+        raise ValueError(
+            f"{manifest_path} holds a {record.get('detector')!r} detector, not a {names[0]}: load it with "
+            f"that class, or {REFIT}"
+        )
+    if module_sha256(module) != record.get("classifier_sha256"):
+        raise ValueError(
+            f"{manifest_path} was fitted with a different classifier (parameter hash mismatch): the detector "
+            f"describes that network's features only; {REFIT} with this classifier"
+        )
+    return arrays, record, version
 
 
 def _is_safetensors(data: bytes) -> bool:
