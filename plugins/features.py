@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import checks
 from .modes import eval_mode
 
 Capture = Literal["output", "input"]
@@ -65,12 +66,10 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], *, capture: Capture = "output") -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        checks.module("model", model)
         if isinstance(layers, str) or not layers:
             raise ValueError(f"layers must be a non-empty sequence of layer names; got {layers!r}")
-        if capture not in ("output", "input"):
-            raise ValueError(f"capture must be 'output' or 'input'; got {capture!r}")
+        checks.one_of("capture", capture, ("output", "input"))
         check_layers(model, layers)
         self.model = model
         self.layers = tuple(layers)
@@ -101,8 +100,7 @@ class FeatureExtractor:
 
     def __call__(self, x: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
         """Captured features of x, computed without gradients in mini-batches and concatenated."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be an int > 0; got {batch_size!r}")
+        batch_size = checks.positive_int("batch_size", batch_size)
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
         with self.capturing() as captured, torch.no_grad():
             for start in range(0, x.shape[0], batch_size):

@@ -130,13 +130,15 @@ class Detector(abc.ABC):
         labels). A refused calibration (a class without samples, say) changes nothing.
         """
         fpr, per_class = check_fpr(fpr), self._per_class(per_class)
+        self._check_fitted()
+        x = check_batch(x, input_shape=self.input_shape_)
+        if x.shape[0] == 0:
+            raise ValueError("x is empty; calibration needs clean samples")
+        labels = None if y is None else check_labels(y, x.shape[0], self.n_classes_, x.device)
         with torch.no_grad():
             parts = self._scored(x)
-        n = parts["score"].shape[0]
-        if n == 0:
-            raise ValueError("x is empty; calibration needs clean samples")
-        if y is not None:
-            parts["class"] = check_labels(y, n, self.n_classes_, parts["score"].device)
+        if labels is not None:
+            parts["class"] = labels
         calibration = {key: value.detach().cpu().numpy() for key, value in parts.items()}
         thresholds = self._thresholds(calibration, fpr, per_class)
         self.calibration_ = calibration

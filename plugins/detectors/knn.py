@@ -219,7 +219,7 @@ class KNNScore(Detector):
         return (1.0 - scores.gather(1, logits.detach().argmax(1, keepdim=True))[:, 0]).double()
 
     def score_references(self) -> torch.Tensor:
-        """(N,) float64 leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the others (eq. 2).
+        """(N,) float64 leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the rest (eq. 2).
 
         Why: clean scores of the fitting data without held-out data; scored against a set holding itself,
         a reference would always find itself at distance 0. Only the point itself is left out: an exact

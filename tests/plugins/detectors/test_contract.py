@@ -193,6 +193,8 @@ def test_a_refused_calibration_changes_nothing(name: str, fitted, split) -> None
         detector.calibrate(x[:, :, :6])
     with pytest.raises(ValueError, match="x is empty"):
         detector.calibrate(x[:0])
+    with pytest.raises(ValueError, match=r"y must be \d+ labels"):
+        detector.calibrate(x, y[:-1])
     assert (
         detector.threshold_ is before[0] and detector.fpr_ == before[1] and detector.calibration_ is before[2]
     )

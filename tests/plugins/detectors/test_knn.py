@@ -16,8 +16,8 @@ import torch
 from art.attacks.evasion import FastGradientMethod
 from art.estimators.classification import PyTorchClassifier
 from sklearn.decomposition import PCA
-from sklearn.metrics import roc_auc_score
 from sklearn.exceptions import NotFittedError
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from xaiadv.plugins.detectors.knn import BACKENDS, KNNScore
