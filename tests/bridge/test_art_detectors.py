@@ -318,6 +318,22 @@ def test_fpr_outside_open_unit_interval(cls, fpr, classifier) -> None:
         cls(classifier, fpr=fpr)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"keep": 0.0}, r"keep must be a number in \(0, 1\)"),
+        ({"keep": 1.0}, "keep must be"),
+        ({"keep": True}, "keep must be"),
+        ({"calibration_share": 1.0}, r"calibration_share must be a number in \(0, 1\)"),
+        ({"random_state": 1.5}, "random_state must be an int"),
+    ],
+)
+def test_keep_and_the_split_parameters_are_checked(params, message, classifier) -> None:
+    """What the plugin I-defender took before the Detector contract is the adapter's now: checked there."""
+    with pytest.raises(ValueError, match=message):
+        IDefenderDetector(classifier, **params)
+
+
 @pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
 def test_nan_input_and_stray_keywords_refused(cls, fitted, classifier, data) -> None:
     x = data["x_test"][:4].copy()
