@@ -131,27 +131,10 @@ class BinaryActivationPeer(TrainedPeer):
         return BinaryActivationDetector(classifier, _binary_classifier(network, (width,), classifier), layer)
 
 
-#: Transitional (issue 12): our ART detectors by registry name and the names their classes have had in
-#: ``xaiadv.bridge.art``, registered here only while ``bridge/art_detectors.py`` does not register them
-#: itself. Once it does, every name is present and this does nothing; then delete it.
-_OURS_UNTIL_THE_BRIDGE_REGISTERS = {
-    "xaiadv:SpatialEntropyDetector": ("SpatialEntropyDetector",),
-    "xaiadv:IDefenderDetector": ("IDefenderDetector", "IDefender"),
-    "xaiadv:KNNDetector": ("KNNDetector",),
-}
-
-
 def detector_registry() -> Registry:
     """The detector registry, filled: ours (``xaiadv.bridge.art_detectors``) and ART's peers (here)."""
     import xaiadv.bridge.art_detectors  # noqa: F401  (its @detectors.register fills the registry)
 
-    missing = [name for name in _OURS_UNTIL_THE_BRIDGE_REGISTERS if name not in detectors]
-    if missing:
-        from xaiadv.bridge import art as bridge_art
-
-        for name in missing:
-            found = (getattr(bridge_art, a, None) for a in _OURS_UNTIL_THE_BRIDGE_REGISTERS[name])
-            detectors.register(name)(next(cls for cls in found if cls is not None))
     return detectors
 
 
