@@ -9,7 +9,6 @@ score the classifier's own model, or the figure it gives is a transfer figure: i
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -127,21 +126,37 @@ class DetectorAwarePGD(EvasionAttack):
 
 def differentiable_detector(detector: object) -> DifferentiableDetector:
     """The object with ``score_torch`` and ``threshold_``: the detector itself, or the plugin an ART
-    detector of ours wraps (``plugin_``); refused with what is missing otherwise."""
+    detector of ours wraps (``plugin_``); refused with what is missing otherwise, also when its score has
+    no gradient (``score_torch`` raises NotImplementedError on a probe, as spatial entropy's does)."""
     for candidate in (detector, getattr(detector, "plugin_", None)):
         if isinstance(candidate, DifferentiableDetector) and _fitted_threshold(candidate):
+            _check_differentiable(candidate)
             return candidate
     raise TypeError(
         f"detector: a fitted detector with a differentiable score_torch(x) and a threshold_ is needed; got "
-        f"{type(detector).__name__} (fit it first, or give a detector whose score is differentiable)"
+        f"{type(detector).__name__} (fit and calibrate it first, or give a detector whose score is "
+        "differentiable)"
     )
 
 
 def _fitted_threshold(detector: DifferentiableDetector) -> bool:
-    threshold = getattr(detector, "threshold_", None)
-    return (
-        isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not math.isnan(threshold)
-    )
+    try:
+        threshold = np.asarray(getattr(detector, "threshold_", None), dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return threshold.ndim <= 1 and threshold.size > 0 and bool(np.isfinite(threshold).all())
+
+
+def _check_differentiable(detector: DifferentiableDetector) -> None:
+    shape = getattr(detector, "input_shape_", None)
+    if shape is None:
+        return  # a user's detector: its first call will say
+    model = getattr(detector, "model", None)
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    try:
+        detector.score_torch(torch.zeros((1, *shape), device=device))
+    except NotImplementedError as error:
+        raise TypeError(f"detector: {error}; a detector-aware attack needs a differentiable score") from error
 
 
 def check_same_model(detector: object, model: torch.nn.Module) -> None:

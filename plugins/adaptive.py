@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,9 +35,10 @@ NORMS = (math.inf, 2.0)
 @runtime_checkable
 class DifferentiableDetector(Protocol):
     """What the adaptive attack needs of a fitted detector: a score it can differentiate in raw inputs,
-    and the threshold above which the detector flags (``detect(x) = score(x) > threshold_``)."""
+    and the threshold above which the detector flags: a number, or one per class (n_classes,), compared
+    with the score of a sample predicted as that class (I-defender's eq. 5)."""
 
-    threshold_: float
+    threshold_: float | torch.Tensor | np.ndarray
 
     def score_torch(self, x: torch.Tensor) -> torch.Tensor:
         """One score per sample of raw ``x`` (N,), differentiable in x."""
@@ -134,12 +136,13 @@ def _pgd(
         z = x_adv[rows].detach().requires_grad_(True)
         logits = classifier.logits(z)
         score = detector.score_torch(z)
+        threshold = thresholds(detector, logits.detach().argmax(1)).to(score.dtype)
         margin = _margin(logits, labels[rows]).clamp(min=-config.kappa)
-        excess = (score - detector.threshold_ + config.delta).clamp(min=0.0)
+        excess = (score - threshold + config.delta).clamp(min=0.0)
         loss = (margin + weight[rows].to(margin.dtype) * excess).sum()
         (gradient,) = torch.autograd.grad(loss, z)
         with torch.no_grad():
-            done = (logits.argmax(1) != labels[rows]) & (score <= detector.threshold_)
+            done = (logits.argmax(1) != labels[rows]) & (score <= threshold)
             step = _step(gradient.to(x_adv.dtype), config)
             moved = _project(x_adv[rows] - step, x_orig[rows], config).clamp(low, high)
             x_adv[rows] = torch.where(_per_sample(done, moved), x_adv[rows], moved)
@@ -177,14 +180,27 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
+def thresholds(detector: DifferentiableDetector, predicted: torch.Tensor) -> torch.Tensor:
+    """Each sample's threshold (N,) float64: the detector's one, or its predicted class's."""
+    value = torch.as_tensor(detector.threshold_, dtype=torch.float64, device=predicted.device)
+    return value[predicted] if value.dim() == 1 else value.expand(predicted.shape)
+
+
 def _judge(
     classifier: Classifier, detector: DifferentiableDetector, x_adv: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(misclassified, flagged) of each sample, by the model and the detector's own threshold."""
+    """(misclassified, flagged) of each sample, by the model and the detector's own decision: its
+    ``detect`` where it has one (with any tie-break), else score > threshold."""
     with torch.no_grad():
-        misclassified = classifier.logits(x_adv).argmax(1) != labels
-    with torch.enable_grad():  # a score may need autograd inside (a guided-backprop map); no graph kept
-        flagged = detector.score_torch(x_adv).detach() > detector.threshold_
+        logits = classifier.logits(x_adv)
+        misclassified = logits.argmax(1) != labels
+        detect = getattr(detector, "detect", None)
+        if callable(detect):
+            flagged = torch.as_tensor(detect(x_adv), device=x_adv.device).bool()
+        else:
+            with torch.enable_grad():  # a score may need autograd inside; no graph is kept
+                score = detector.score_torch(x_adv).detach()
+            flagged = score > thresholds(detector, logits.argmax(1)).to(score.dtype)
     return misclassified, flagged
 
 

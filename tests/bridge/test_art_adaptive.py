@@ -59,7 +59,7 @@ def test_a_detector_without_a_differentiable_score_or_of_another_model_is_refuse
         DetectorAwarePGD(classifier, object())
     unfitted = TotalVariation(digits.x_train)
     unfitted.threshold_ = float("nan")
-    with pytest.raises(TypeError, match=r"fit it first"):
+    with pytest.raises(TypeError, match=r"fit and calibrate it first"):
         DetectorAwarePGD(classifier, unfitted)
     other = OtherModelsDetector(digits.x_train, nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     with pytest.raises(ValueError, match=r"detector: it was fitted on another model than the classifier's"):
