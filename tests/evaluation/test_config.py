@@ -22,6 +22,8 @@ from xaiadv.evaluation.config import (
     parse_config,
 )
 from xaiadv.evaluation.detector_study import DetectorStudy, detector_registry
+from xaiadv.evaluation.heatmap_study import HeatmapStudy
+from xaiadv.evaluation.signature_study import SignatureStudy
 
 MINIMAL: dict[str, Any] = {
     "output": "runs/x",
@@ -61,9 +63,10 @@ def test_the_demo_config_parses_with_its_documented_defaults() -> None:
     assert {"foolbox:LinfPGD", "foolbox:SparseL1DescentAttack", "torchattacks:PGD"} <= names
     assert {detector.name for detector in config.detectors} == set(detector_registry())
     assert config.source == str(DEMO_CONFIG) and config.name == "demo"
-    attack_study, detector_study = config.studies
+    attack_study, detector_study, *explanations = config.studies
     assert isinstance(attack_study, AttackStudy) and isinstance(detector_study, DetectorStudy)
     assert "LRP-grad" in attack_study.equal_asr and "LRP-mean" not in attack_study.equal_asr
+    assert explanations == [HeatmapStudy(), SignatureStudy()]  # seed 001's two, with their defaults
 
 
 def test_the_readmes_toml_example_parses() -> None:

@@ -3,7 +3,10 @@ resumed after an interrupt, their failed cells, the missing extra, and their typ
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +18,11 @@ import torch
 from torch import nn
 
 from xaiadv.evaluation import attack_study, heatmap_study, signature_study
-from xaiadv.evaluation.config import ConfigError, load_config
+from xaiadv.evaluation.config import DEMO_CONFIG, ConfigError, load_config
 from xaiadv.evaluation.heatmap_study import HeatmapStudy, explain_attack
+from xaiadv.evaluation.report import render_report
 from xaiadv.evaluation.run import RunResult, run_evaluation
-from xaiadv.evaluation.rundir import SCHEMA_VERSION
+from xaiadv.evaluation.rundir import SCHEMA_VERSION, slug
 from xaiadv.evaluation.separability import separability_auc
 from xaiadv.evaluation.signature_study import (
     EMBEDDING,
@@ -28,6 +32,7 @@ from xaiadv.evaluation.signature_study import (
     signature_set,
     umap_embedding,
 )
+from xaiadv.evaluation.studies import study_registry
 from xaiadv.plugins.attacks import lrp_grad
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,7 +119,7 @@ def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunR
         assert -1.0 <= numbers["spearman"]["mean"] < 0.99, label
         assert 0.0 <= numbers["top_k_overlap"]["mean"] < 1.0, label
         assert numbers["perturbed_share"]["mean"] > numbers["changed_share"]["mean"], label
-        arrays = np.load(finished.directory / "arrays" / f"heatmap-{_slug(label)}.npz")
+        arrays = np.load(finished.directory / "arrays" / f"heatmap-{slug(label)}.npz")
         assert len(arrays["index"]) == cell["n"]
         assert np.mean(arrays["spearman"]) == pytest.approx(numbers["spearman"]["mean"])
         assert np.median(arrays["top_k_overlap"]) == pytest.approx(numbers["top_k_overlap"]["median"])
@@ -130,15 +135,9 @@ def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunR
     _check_pngs(finished.directory, images)
 
 
-def _slug(label: str) -> str:
-    from xaiadv.evaluation.rundir import slug
-
-    return slug(label)
-
-
 def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished: RunResult) -> None:
     results = strict_json(finished.directory / "results.json")
-    sample = np.load(finished.directory / "arrays" / f"sample-{_slug('sample')}.npz")
+    sample = np.load(finished.directory / "arrays" / f"sample-{slug('sample')}.npz")
     correct = sample["y"][sample["prediction"] == sample["y"]]
     n_clean = sum(min(3, int((correct == c).sum())) for c in range(10))  # per_class = 3
     assert list(results["signatures"]) == ["LRP-grad", "PGD (torchattacks)"]
@@ -156,7 +155,7 @@ def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished:
     assert embedding["n_points"] == embedding["n_clean"] + sum(
         cell["n_adversarial"] for cell in results["signatures"].values()
     )
-    arrays = np.load(finished.directory / "arrays" / f"embedding-{_slug(EMBEDDING)}.npz")
+    arrays = np.load(finished.directory / "arrays" / f"embedding-{slug(EMBEDDING)}.npz")
     assert arrays["embedding"].shape == (embedding["n_points"], 2) and np.isfinite(arrays["embedding"]).all()
     assert (arrays["group"] == -1).sum() == embedding["n_clean"] == n_clean
     report = finished.report.read_text()
@@ -247,8 +246,8 @@ def test_no_successful_attack_is_a_failed_heatmap_cell_and_the_run_goes_on(
             "kind": "heatmap",
             "label": "xaiadv:HeatmapStudy",
             "error": "ValueError: no attack of this run has a successful adversarial example to explain "
-            f"(too weak: 0 of {attack['n_correct']}); the heatmap study compares clean and adversarial heatmaps of successful "
-            "samples only",
+            f"(too weak: 0 of {attack['n_correct']}); the heatmap study compares clean and adversarial "
+            "heatmaps of successful samples only",
         }
     ]
     signature = result.results["signatures"]["too weak"]
@@ -420,3 +419,25 @@ def test_signature_analysis_is_seeded_and_its_auc_is_separability_auc(
     zeros = x[y == 0]
     with pytest.raises(ValueError, match=rf"class 0 only \({len(zeros)} samples\); a UMAP by class"):
         signature_analysis(digits_cnn, zeros, {})
+
+
+def test_the_report_rerenders_both_sections_from_the_saved_cells(finished: RunResult, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished.directory, copy)
+    text = (copy / "report.md").read_text()
+    (copy / "report.md").unlink()
+    shutil.rmtree(copy / "figures")
+    assert render_report(copy).read_text() == text
+    _check_pngs(copy, _images(text, "## Explanation heatmaps") + _images(text, "## LRP signatures"))
+
+
+def test_demo_toml_documents_every_parameter_of_every_study() -> None:
+    """The header of evaluation/demo.toml names each registered study and, in its paragraph, each field."""
+    header = "\n".join(line for line in DEMO_CONFIG.read_text().splitlines() if line.startswith("#"))
+    registry = study_registry()
+    assert {"xaiadv:HeatmapStudy", "xaiadv:SignatureStudy"} <= set(registry)
+    for name, cls in registry.items():
+        assert f'name = "{name}"' in header, name
+        paragraph = header.split(f'name = "{name}"')[1].split('name = "xaiadv:')[0]
+        for field in dataclasses.fields(cls):
+            assert re.search(rf"\b{field.name}\b", paragraph), (name, field.name)
