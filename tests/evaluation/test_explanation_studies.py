@@ -47,6 +47,14 @@ name = "torchattacks:PGD"
 label = "PGD (torchattacks)"
 params = { eps = 0.25, alpha = 0.05, steps = 5, random_start = false }
 """
+NO_SUCCESS = """
+[[attacks]]
+name = "xaiadv:LRPGrad"
+label = "too weak"
+params = { eps = 0.0001, max_iter = 1 }
+"""
+
+
 HEATMAPS = '\n[[studies]]\nname = "xaiadv:HeatmapStudy"\nexamples = 2\nk = 8\n'
 SIGNATURES = '\n[[studies]]\nname = "xaiadv:SignatureStudy"\nper_class = 3\nclasses = [1, 4]\n'
 
@@ -87,7 +95,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
     folder = tmp_path_factory.mktemp("run")
-    text = config_text(folder / "out", studies=HEATMAPS + SIGNATURES)
+    text = config_text(folder / "out", attacks=ATTACKS + NO_SUCCESS, studies=HEATMAPS + SIGNATURES)
     return run_evaluation(load_config(write_config(folder, text)))
 
 
@@ -106,7 +114,11 @@ def _check_pngs(directory: Path, images: list[str]) -> None:
 def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunResult) -> None:
     results = strict_json(finished.directory / "results.json")
     assert results["schema_version"] == SCHEMA_VERSION == 2 and results["complete"] is True
-    assert list(results["heatmaps"]) == ["LRP-grad", "PGD (torchattacks)"]
+    assert list(results["heatmaps"]) == ["LRP-grad", "PGD (torchattacks)", "too weak"]
+    weak = results["heatmaps"].pop("too weak")  # an attack without success: a done cell of null numbers
+    assert weak["status"] == "done" and weak["n"] == results["attacks"]["too weak"]["n_success"] == 0
+    assert weak["numbers"]["spearman"] == {"mean": None, "median": None, "n": 0}
+    assert weak["undefined"] == dict.fromkeys(heatmap_study.NUMBERS, "no successful sample")
     for label, cell in results["heatmaps"].items():
         attack = results["attacks"][label]
         assert cell["status"] == "done" and cell["undefined"] == {}
@@ -131,7 +143,8 @@ def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunR
     section = "## Explanation heatmaps, clean vs adversarial (seed 001 Fig. 3; thesis A.1)"
     assert section in report and "| attack | n | Spearman | top-k overlap |" in report
     images = _images(report, section)
-    assert len(images) == 2
+    assert len(images) == 2  # none for the attack without success, whose row says n/a
+    assert "| too weak | 0 | n/a | n/a | n/a | n/a |" in report
     _check_pngs(finished.directory, images)
 
 
@@ -140,7 +153,12 @@ def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished:
     sample = np.load(finished.directory / "arrays" / f"sample-{slug('sample')}.npz")
     correct = sample["y"][sample["prediction"] == sample["y"]]
     n_clean = sum(min(3, int((correct == c).sum())) for c in range(10))  # per_class = 3
-    assert list(results["signatures"]) == ["LRP-grad", "PGD (torchattacks)"]
+    assert list(results["signatures"]) == ["LRP-grad", "PGD (torchattacks)", "too weak"]
+    weak = results["signatures"].pop("too weak")
+    assert weak["n_adversarial"] == 0 and weak["auc"] == {"signature": None, "hidden": None}
+    assert weak["undefined"]["hidden"] == (
+        f"5-fold cross-validation needs 5 samples on each side; got {n_clean} clean and 0 adversarial"
+    )
     for label, cell in results["signatures"].items():
         assert cell["status"] == "done" and cell["undefined"] == {}, label
         assert cell["layer"] == "8" and cell["width"] == 128  # the reference CNN's last Linear and its input
@@ -151,7 +169,8 @@ def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished:
     assert results["signatures"]["LRP-grad"]["auc"]["signature"] >= 0.7
     (embedding,) = results["embeddings"].values()
     assert embedding["status"] == "done" and embedding["label"] == EMBEDDING
-    assert embedding["attacks"] == ["LRP-grad", "PGD (torchattacks)"] and embedding["shown_classes"] == [1, 4]
+    assert embedding["attacks"] == ["LRP-grad", "PGD (torchattacks)", "too weak"]
+    assert embedding["shown_classes"] == [1, 4]
     assert embedding["n_points"] == embedding["n_clean"] + sum(
         cell["n_adversarial"] for cell in results["signatures"].values()
     )
@@ -161,6 +180,8 @@ def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished:
     report = finished.report.read_text()
     section = "## LRP signatures and UMAP (seed 001 Figs. 4-6)"
     assert "| attack | n clean | n adversarial | AUC signatures | AUC hidden state |" in report
+    assert f"| too weak | {n_clean} | 0 | n/a | n/a |" in report
+    assert f"- too weak: 5-fold cross-validation needs 5 samples on each side; got {n_clean} clean" in report
     images = _images(report, section)
     assert [Path(image).name for image in images] == [
         "signatures-by-class.png",
@@ -223,14 +244,6 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_study_cells(
     assert calls == [] and attack_calls == []
     for kind in ("heatmaps", "signatures", "embeddings"):
         assert again.results[kind] == result.results[kind]
-
-
-NO_SUCCESS = """
-[[attacks]]
-name = "xaiadv:LRPGrad"
-label = "too weak"
-params = { eps = 0.0001, max_iter = 1 }
-"""
 
 
 def test_no_successful_attack_is_a_failed_heatmap_cell_and_the_run_goes_on(
