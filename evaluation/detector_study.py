@@ -15,6 +15,7 @@ here, as peers trained on adversarial examples of one named attack (:class:`Trai
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import logging
@@ -61,7 +62,7 @@ Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # the detectors a run can name
 
 
-class TrainedPeer:
+class TrainedPeer(abc.ABC):
     """ART's detectors trained on adversarial examples of one attack (a run's ``train_attack``).
 
     What the registry holds for ``art:BinaryInputDetector`` and ``art:BinaryActivationDetector``: the
@@ -80,9 +81,9 @@ class TrainedPeer:
             raise ParameterError("epochs", f"expected an integer > 0, got {epochs!r}")
 
     @classmethod
+    @abc.abstractmethod
     def build(cls, spec: DetectorSpec, classifier: Any, input_shape: tuple[int, ...]) -> Any:
         """The ART detector, untrained; ``classifier`` is ART's classifier of (a copy of) the model."""
-        raise NotImplementedError
 
 
 @detectors.register("art:BinaryInputDetector")

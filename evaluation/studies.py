@@ -10,6 +10,7 @@ Zennit's ``register_composite`` fills its composite table. ``xaiadv list`` print
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ DEFAULT_STUDIES = ("xaiadv:AttackStudy", "xaiadv:DetectorStudy")
 
 
 @dataclass(frozen=True)
-class Study:
+class Study(abc.ABC):
     """What every study shares: its registry name, a check against the run's config, its cells.
 
     A subclass validates its own fields in ``__post_init__`` (a ValueError whose message starts with
@@ -41,15 +42,17 @@ class Study:
         return next(name for name, cls in study_registry().items() if cls is type(self))
 
     def check(self, config: RunConfig) -> None:
-        """Refuse parameters that do not fit the rest of ``config`` (e.g. labels of no attack)."""
+        """Refuse parameters that do not fit the rest of ``config`` (e.g. labels of no attack); by default
+        a study's fields need nothing from the rest of the config."""
+        del config
 
     def cell_count(self, config: RunConfig) -> int:
         """How many cells the study adds to the run (the count Ctrl-C reports finished of)."""
         return 0
 
+    @abc.abstractmethod
     def run(self, run: Run) -> None:
         """Compute the study over the run's finished attack cells; write into ``run.results``."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         """The ``[[studies]]`` entry this study was read from: its name and parameters."""
