@@ -540,23 +540,6 @@ def test_save_is_atomic_and_leaves_no_temporary_files(fitted, tmp_path: Path, mo
 # --- issue 11: the default kNN threshold, re-calibration, save paths -----------------------------------
 
 
-def train_on_digits(model: nn.Module, digits: Any, epochs: int = 15) -> nn.Module:
-    """``model`` trained on the training digits (Adam, seeded; the global RNG left as it was), eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        shuffle = torch.Generator().manual_seed(1)
-        for _ in range(epochs):
-            order = torch.randperm(len(digits.x_train), generator=shuffle)
-            for start in range(0, len(order), 64):
-                batch = order[start : start + 64]
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(digits.x_train[batch]), digits.y_train[batch])
-                loss.backward()
-                optimizer.step()
-    return model.eval()
-
-
 #: The trial of issue 11 on the registry's 4-channel "cnn" trained on digits (0.976 test accuracy), default
 #: KNNDetector, all 497 test digits vs the 398 FGSM (eps 0.15) examples that fool it. Before: 11% of clean
 #: scores were exactly 1 (no neighbour of the predicted class), the threshold was 1 and score > threshold
@@ -566,8 +549,10 @@ def train_on_digits(model: nn.Module, digits: Any, epochs: int = 15) -> nn.Modul
 KNN_TRIAL = {"clean_at_least": 0.04, "clean_at_most": 0.11, "adversarial_at_least": 0.26, "auc": 0.70}
 
 
-def test_default_knn_detector_flags_about_fpr_of_clean_and_more_adversarial(digits, tiny_model) -> None:
-    model = train_on_digits(tiny_model("cnn"), digits)
+def test_default_knn_detector_flags_about_fpr_of_clean_and_more_adversarial(
+    digits, tiny_model, digits_trainer
+) -> None:
+    model = digits_trainer(tiny_model("cnn"), digits)
     classifier = make_classifier(model)
     x_test, y_test = digits.x_test.numpy(), digits.y_test.numpy()
     assert (classifier.predict(x_test).argmax(1) == y_test).mean() > 0.95
