@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +80,6 @@ def strict_json(path: Path) -> dict[str, Any]:
         raise AssertionError(f"{path} holds {constant}")
 
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One model cache for the module: the digits CNN is trained once."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XAIADV_CACHE", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")

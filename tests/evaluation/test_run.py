@@ -6,7 +6,6 @@ import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +65,6 @@ def write_config(folder: Path, output: Path, body: str = CONFIG) -> Path:
     path = folder / "run.toml"
     path.write_text(f'output = "{output}"\n' + body, encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One model cache for the module: the reference CNN is trained once."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XAIADV_CACHE", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")
