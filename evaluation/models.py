@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,15 @@ __all__ = [
     "LoadedModel",
     "TrainConfig",
     "TrainedModel",
+    "build_model",
     "dataset_input_shape",
     "default_cache_dir",
     "import_factory",
     "load_model",
     "load_or_train",
     "load_run_model",
+    "model_e",
+    "model_f",
     "reference_cnn",
     "save_model",
     "train_reference_model",
@@ -113,6 +117,77 @@ def _he_init(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def model_e(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Zheng & Hong 2018 (seed 002) Table 1, model E: ``FC(200) - ReLU - FC(200) - ReLU - FC(num_classes)``.
+
+    The black-box substitute of section 4.1 (after Defense-GAN's, their ref. 27). It outputs logits: the
+    table's softmax is the loss's. Layers ``flatten, fc1, relu1, fc2, relu2, fc3``; He init as
+    :func:`reference_cnn`.
+    """
+    c, h, w = _check_input_shape(input_shape)
+    _check_positive_int("num_classes", num_classes)
+    model = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(c * h * w, 200),
+            relu1=nn.ReLU(),
+            fc2=nn.Linear(200, 200),
+            relu2=nn.ReLU(),
+            fc3=nn.Linear(200, num_classes),
+        )
+    )
+    _he_init(model)
+    return model
+
+
+def model_f(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Zheng & Hong 2018 (seed 002) Table 1, model F: ``Conv(64, 8x8, 2) - ReLU - Conv(128, 6x6, 2) - ReLU -
+    FC(num_classes)``, the black-box target of section 4.1; outputs logits.
+
+    The table gives no padding: the first convolution pads "same" (3 pixels, 28 -> 14), the second none
+    (14 -> 5), as in cleverhans' basic CNN whose first two layers these are (Defense-GAN's code builds its
+    models with cleverhans). Layers ``conv1, relu1, conv2, relu2, flatten, fc``; needs inputs of 11 pixels
+    or more a side (the second convolution's 6x6 window on the first's output).
+    """
+    c, h, w = _check_input_shape(input_shape)
+    _check_positive_int("num_classes", num_classes)
+    if min(h, w) < 11:
+        raise ValueError(
+            f"input_shape: model F needs H, W >= 11 (its 8x8/2 and 6x6/2 convolutions); got {input_shape!r}"
+        )
+    side = [((n + 1) // 2 - 6) // 2 + 1 for n in (h, w)]
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c, 64, kernel_size=8, stride=2, padding=3),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(64, 128, kernel_size=6, stride=2),
+            relu2=nn.ReLU(),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(128 * side[0] * side[1], num_classes),
+        )
+    )
+    _he_init(model)
+    return model
+
+
+#: The named architectures a :class:`TrainConfig` can train and the cache can hold.
+ARCHITECTURES = ("reference_cnn", "E", "F")
+
+
+def build_model(
+    architecture: str, input_shape: tuple[int, int, int], num_classes: int, *, width: int
+) -> nn.Sequential:
+    """A fresh model of a named architecture (:data:`ARCHITECTURES`); ``width`` sizes the reference CNN only
+    (models E and F have the paper's fixed sizes)."""
+    if architecture == "reference_cnn":
+        return reference_cnn(input_shape, num_classes, width=width)
+    if architecture == "E":
+        return model_e(input_shape, num_classes)
+    if architecture == "F":
+        return model_f(input_shape, num_classes)
+    raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+
+
 def _check_input_shape(input_shape: object) -> tuple[int, int, int]:
     """``(C, H, W)`` of positive ints with H, W >= 2 (one max-pool needs two pixels)."""
     if (
@@ -151,8 +226,13 @@ class TrainConfig:
     width: int = 32
     seed: int = 0
     max_train: int | None = None
+    architecture: str = "reference_cnn"
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
+            )
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for field in ("epochs", "batch_size", "width"):
@@ -171,8 +251,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """Short stable hash of the configuration: sha256 of its sorted JSON, 12 hex digits."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Short stable hash of the configuration: sha256 of its sorted JSON, 12 hex digits.
+
+        The reference CNN's key leaves ``architecture`` out, so models cached before there were named
+        architectures keep their keys.
+        """
+        fields = self.to_dict()
+        if fields["architecture"] == "reference_cnn":
+            del fields["architecture"]
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -212,7 +299,8 @@ def train_reference_model(
     device = torch.device(device or "cpu")
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's global RNG
         torch.manual_seed(config.seed)
-        model = reference_cnn(data.input_shape, len(data.classes), width=config.width).to(device)
+        model = build_model(config.architecture, data.input_shape, len(data.classes), width=config.width)
+        model = model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _training_subset(data, config.max_train, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -333,7 +421,7 @@ def save_model(
         input_shape if input_shape is not None else dataset_input_shape(config.dataset)
     )
     num_classes = _num_classes(model)
-    _check_architecture(model, shape, num_classes, config.width, where="model")
+    _check_architecture(model, shape, num_classes, config, where="model")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     blob = safetensors.torch.save(tensors)
     stem = Path(path_stem)
@@ -341,7 +429,7 @@ def save_model(
     weights = _weights_path(stem)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "architecture": "xaiadv.reference_cnn",
+        "architecture": f"xaiadv.{config.architecture}",
         "config": config.to_dict(),
         "config_key": config.key(),
         "test_accuracy": float(test_accuracy),
@@ -472,16 +560,15 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def _check_architecture(
-    model: nn.Module, shape: tuple[int, int, int], num_classes: int, width: int, where: str
+    model: nn.Module, shape: tuple[int, int, int], num_classes: int, config: TrainConfig, where: str
 ) -> None:
-    """ValueError unless ``model``'s parameters have exactly the shapes of the matching reference_cnn."""
-    expected = {
-        k: tuple(v.shape) for k, v in reference_cnn(shape, num_classes, width=width).state_dict().items()
-    }
+    """ValueError unless ``model``'s parameters have exactly the shapes of ``config``'s architecture."""
+    built = build_model(config.architecture, shape, num_classes, width=config.width)
+    expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != actual:
         raise ValueError(
-            f"{where}: not a reference_cnn({shape}, {num_classes}, width={width}): "
+            f"{where}: not a {config.architecture}({shape}, {num_classes}, width={config.width}): "
             f"parameter shapes {actual} differ from {expected}"
         )
 
@@ -505,7 +592,7 @@ def load_model(path_stem: Path) -> TrainedModel:
         raise ValueError(f"{weights}: sha256 does not match the manifest (corrupt or tampered); {advice}")
     try:
         state = safetensors.torch.load(blob)
-        model = reference_cnn(shape, num_classes, width=config.width)
+        model = build_model(config.architecture, shape, num_classes, width=config.width)
         model.load_state_dict(state, strict=True)
     except Exception as e:  # safetensors' own error type, or load_state_dict's RuntimeError
         raise ValueError(f"{weights}: weights do not fit the manifest ({e}); {advice}") from e
