@@ -135,6 +135,11 @@ from .art_adaptive import DetectorAwarePGD  # noqa: E402
 
 __all__ += ["DetectorAwarePGD"]
 
-from .art_detectors import IDefenderDetector, KNNDetector, SpatialEntropyDetector  # noqa: E402
+from .art_detectors import (  # noqa: E402
+    IDefenderDetector,
+    KNNDetector,
+    LRPSignatureDetector,
+    SpatialEntropyDetector,
+)
 
-__all__ += ["IDefenderDetector", "KNNDetector", "SpatialEntropyDetector"]
+__all__ += ["IDefenderDetector", "KNNDetector", "LRPSignatureDetector", "SpatialEntropyDetector"]

@@ -1,4 +1,4 @@
-"""The three detectors as ART evasion detectors: ``KNNDetector(classifier).fit(x, y)``, then ``detect(x)``.
+"""The four detectors as ART evasion detectors: ``KNNDetector(classifier).fit(x, y)``, then ``detect(x)``.
 
 An adapter maps ART's calling convention onto its plugin (:mod:`xaiadv.plugins.detectors`), which does the
 work under the one Detector contract: the ``PyTorchClassifier`` becomes a
@@ -36,7 +36,7 @@ from xaiadv.plugins.model import Classifier  # noqa: E402
 from ._art_classifier import classifier_bounds, classifier_preprocessing  # noqa: E402
 from .registry import detectors  # noqa: E402
 
-__all__ = ["IDefenderDetector", "KNNDetector", "SpatialEntropyDetector"]
+__all__ = ["IDefenderDetector", "KNNDetector", "LRPSignatureDetector", "SpatialEntropyDetector"]
 
 
 class _ARTDetector(EvasionDetector):
@@ -303,3 +303,13 @@ class IDefenderDetector(_ARTDetector):
 
     def _fpr(self) -> float:
         return 1.0 - self.keep_
+
+
+@detectors.register("xaiadv:LRPSignatureDetector")
+class LRPSignatureDetector(IDefenderDetector):
+    """LRP signatures (seed 001 section 3.3, after Fidel et al. 2020),
+    :class:`~xaiadv.plugins.detectors.LRPSignature`: I-defender's per-class mixtures on the LRP relevance of
+    the last layer's input instead of its activations; ``keep`` and the calibration as I-defender's."""
+
+    plugin_class = plugin_detectors.LRPSignature
+    saved_names: ClassVar[tuple[str, ...]] = ()

@@ -56,7 +56,7 @@ def lrp_signatures(
     x = checks.check_batch(x)
     checks.positive_int("batch_size", batch_size)
     epsilon = checks.finite_number("epsilon", epsilon, low=0.0)
-    linear = _last_linear(classifier.module, layer)
+    linear = last_linear(classifier.module, layer)
     if target is not None:
         target = checks.check_labels(target, x.shape[0], linear[1].out_features, x.device)
     extractor = FeatureExtractor(classifier.module, [linear[0]], capture="input")
@@ -66,12 +66,14 @@ def lrp_signatures(
         for chunk in chunks:
             logits = classifier.logits(chunk)
             rows = None if target is None else target[start : start + len(chunk)]
-            parts.append(_epsilon_rule(captured.pop(linear[0]), linear[1], logits, rows, epsilon))
+            parts.append(epsilon_rule(captured.pop(linear[0]), linear[1], logits, rows, epsilon))
             start += len(chunk)
     return Signatures(*(torch.cat(values) for values in zip(*parts, strict=True)))
 
 
-def _last_linear(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
+def last_linear(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
+    """(name, module) of the layer a signature explains: ``layer``, else the model's last ``nn.Linear``;
+    ValueError naming ``layer`` when it is not an ``nn.Linear``."""
     name = last_layer_of_type(model, nn.Linear) if layer is None else layer
     check_layers(model, [name])
     module = model.get_submodule(name)
@@ -80,14 +82,15 @@ def _last_linear(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
     return name, module
 
 
-def _epsilon_rule(
+def epsilon_rule(
     inputs: torch.Tensor,
     linear: nn.Linear,
     logits: torch.Tensor,
     target: torch.Tensor | None,
     epsilon: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(signatures, target, logits) of one chunk: the epsilon rule on the last layer, R_c = z_c."""
+    """(signatures, target, logits) of one chunk: the epsilon rule on the last layer, R_c = z_c, for
+    ``target`` (N,), or the class of the largest logit where it is None."""
     a = inputs.flatten(1).to(linear.weight.dtype)
     chosen = logits.detach().argmax(1) if target is None else target
     weights = linear.weight[chosen]  # (N, D): the row W_c of each sample's class

@@ -1,4 +1,4 @@
-"""Detectors of adversarial inputs from what the network does inside (seeds 000, 002, 003).
+"""Detectors of adversarial inputs from what the network does inside (seeds 000, 002, 003; LRP signatures).
 
 Each keeps the one :class:`~xaiadv.plugins.detectors.base.Detector` contract: fitted on clean data only
 (``fit(x, y) -> self``, fitted attributes end in ``_``), ``score(x)`` one number per sample, higher meaning
@@ -10,9 +10,12 @@ from .base import Decision, Detector
 from .entropy import SpatialEntropy
 from .idefender import IDefender, gmm_log_likelihood
 from .knn import KNNScore
+from .lrp_signature import LRPSignature
 
 #: Every detector of the plugins, by name (the shared contract test runs over each).
-DETECTORS: dict[str, type[Detector]] = {cls.__name__: cls for cls in (SpatialEntropy, IDefender, KNNScore)}
+DETECTORS: dict[str, type[Detector]] = {
+    cls.__name__: cls for cls in (SpatialEntropy, IDefender, KNNScore, LRPSignature)
+}
 
 __all__ = [
     "DETECTORS",
@@ -20,6 +23,7 @@ __all__ = [
     "Detector",
     "IDefender",
     "KNNScore",
+    "LRPSignature",
     "SpatialEntropy",
     "gmm_log_likelihood",
 ]

@@ -169,8 +169,7 @@ class IDefender(Detector):
                     f"class {label} has {counts[label]} fitting samples; n_components={self.n_components} "
                     f"needs at least that many"
                 )
-        hidden, _ = self._forward(x)
-        hidden = hidden.cpu().numpy()
+        hidden = self._fitting_features(x, torch.as_tensor(labels, device=x.device)).cpu().numpy()
         kept = hidden.max(0) > hidden.min(0)
         if not kept.any():
             raise ValueError("every hidden feature is constant over x: nothing for the mixtures to model")
@@ -185,6 +184,12 @@ class IDefender(Detector):
             )
             mixtures.append(mixture.fit(hidden[labels == label]))
         self._set_fitted(mixtures, kept, n_classes, tuple(x.shape[1:]))
+
+    def _fitting_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What class ``labels[i]``'s mixture is fitted on for sample i, (N, D_all) float64: its hidden state
+        (a subclass whose features depend on the class, the LRP signatures, takes the true class)."""
+        del labels
+        return self._forward(x)[0]
 
     def _set_fitted(
         self, mixtures: list[GaussianMixture], kept: np.ndarray, n_classes: int, input_shape: tuple[int, ...]

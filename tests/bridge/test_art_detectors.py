@@ -23,7 +23,12 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from xaiadv.bridge.art_detectors import IDefenderDetector, KNNDetector, SpatialEntropyDetector
+from xaiadv.bridge.art_detectors import (
+    IDefenderDetector,
+    KNNDetector,
+    LRPSignatureDetector,
+    SpatialEntropyDetector,
+)
 from xaiadv.bridge.registry import detectors as detector_registry
 from xaiadv.plugins.calibration import (
     flag_tie_broken,
@@ -33,7 +38,7 @@ from xaiadv.plugins.calibration import (
 )
 from xaiadv.plugins.storage import DEFAULT_NAME, SCHEMA_VERSION, module_sha256
 
-DETECTORS = (SpatialEntropyDetector, IDefenderDetector, KNNDetector)
+DETECTORS = (SpatialEntropyDetector, IDefenderDetector, KNNDetector, LRPSignatureDetector)
 NAME = {cls: cls.__name__ for cls in DETECTORS}
 
 #: Clean false-positive rate on the 497 test digits (used neither for fitting nor for calibration) at the
@@ -49,10 +54,12 @@ FPR_TOLERANCE = 0.03
 #:   entropy    FGSM 0.533  DeepFool 0.520  (8x8 inputs: nearly every 3x3 patch is all distinct, see plugin)
 #:   I-defender FGSM 0.974  DeepFool 0.971
 #:   kNN        FGSM 0.870  DeepFool 0.863
+#:   LRP sig.   FGSM 0.945  DeepFool 0.956  (I-defender's mixtures on the last layer's relevance)
 AUC_FLOORS: dict[type, dict[str, float]] = {
     SpatialEntropyDetector: {"fgsm": 0.51, "deepfool": 0.50},
     IDefenderDetector: {"fgsm": 0.95, "deepfool": 0.94},
     KNNDetector: {"fgsm": 0.84, "deepfool": 0.83},
+    LRPSignatureDetector: {"fgsm": 0.92, "deepfool": 0.93},
 }
 
 #: A valid non-default value and an invalid one for one plugin parameter of each detector.
@@ -60,6 +67,7 @@ PLUGIN_PARAM: dict[type, tuple[str, Any, Any]] = {
     SpatialEntropyDetector: ("target", "logit", "gradient"),
     IDefenderDetector: ("covariance_type", "diag", "bogus"),
     KNNDetector: ("weighting", "distance", "bogus"),
+    LRPSignatureDetector: ("epsilon", 1e-3, -1.0),
 }
 REFIT = "fit the detector again"
 
@@ -195,7 +203,7 @@ def test_a_separate_calibration_split_sets_the_threshold(cls, classifier, data) 
         held_out.fit(data["x_train"], data["y_train"])  # fitted on 80% of x: other scores
         assert not np.array_equal(scores, held_out.detect(x_eval)[0]["score"])
     np.testing.assert_array_equal(detector.plugin_.calibration_["score"], detector.detect(x_cal)[0]["score"])
-    if cls is not IDefenderDetector:  # one global threshold: the fpr-quantile of the calibration scores
+    if not issubclass(cls, IDefenderDetector):  # one global threshold: the fpr-quantile of the clean scores
         scores = detector.detect(x_cal)[0]["score"]
         assert detector.threshold_ == pytest.approx(threshold_at_fpr(scores, detector.fpr))
     flagged = detector.detect(x_eval)[1]
@@ -598,7 +606,7 @@ def test_set_params_fpr_recalibrates_keeping_the_fit(cls, classifier, data, tmp_
     assert detector.plugin_ is plugin and plugin.calibration_ is calibration and detector.fpr == 0.1
     new_report, new_flagged = detector.detect(x_test)
     np.testing.assert_array_equal(new_report["score"], report["score"])  # the fit is kept
-    if cls is IDefenderDetector:
+    if issubclass(cls, IDefenderDetector):
         expected = per_class_thresholds(calibration["score"], calibration["class"], 10, 0.1)
         np.testing.assert_array_equal(detector.threshold_, expected)
         assert detector.plugin_.fpr_ == 1 - detector.keep_ == pytest.approx(0.1)

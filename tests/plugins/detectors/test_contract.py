@@ -22,10 +22,15 @@ from art.estimators.classification import PyTorchClassifier
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from xaiadv.bridge.art_detectors import IDefenderDetector, KNNDetector, SpatialEntropyDetector
+from xaiadv.bridge.art_detectors import (
+    IDefenderDetector,
+    KNNDetector,
+    LRPSignatureDetector,
+    SpatialEntropyDetector,
+)
 from xaiadv.plugins import storage
 from xaiadv.plugins.calibration import held_out_split
-from xaiadv.plugins.detectors import DETECTORS, Detector, IDefender, KNNScore, SpatialEntropy
+from xaiadv.plugins.detectors import DETECTORS, Detector, IDefender, KNNScore, LRPSignature, SpatialEntropy
 from xaiadv.plugins.model import Classifier
 
 #: name -> a detector on a model; small settings where the method's defaults cost seconds (I-defender's
@@ -33,6 +38,7 @@ from xaiadv.plugins.model import Classifier
 CASES: dict[str, Callable[[Any], Detector]] = {
     "SpatialEntropy": lambda model: SpatialEntropy(model),
     "IDefender": lambda model: IDefender(model, n_components=1, covariance_type="diag"),
+    "LRPSignature": lambda model: LRPSignature(model, n_components=1, covariance_type="diag"),
     "KNNScore": lambda model: KNNScore(model, k=5),
     "KNNScore-distance": lambda model: KNNScore(model, k=5, weighting="distance", preprocess="pca"),
 }
@@ -43,8 +49,11 @@ ART_CASES: dict[str, Callable[[PyTorchClassifier], Any]] = {
         classifier, n_components=1, covariance_type="diag"
     ),
     "KNNDetector": lambda classifier: KNNDetector(classifier, k=5),
+    "LRPSignatureDetector": lambda classifier: LRPSignatureDetector(
+        classifier, n_components=1, covariance_type="diag"
+    ),
 }
-DIFFERENTIABLE = {"IDefender", "KNNScore-distance"}
+DIFFERENTIABLE = {"IDefender", "KNNScore-distance", "LRPSignature"}
 FPR = 0.1
 
 
@@ -148,7 +157,8 @@ def test_fit_score_calibrate_detect(name: str, model, split) -> None:
         n = int(members.sum())
         assert clean.flags[members].double().mean() <= FPR
         assert (clean.flags | at)[members].double().mean() > FPR - 1 / n
-    assert detector.per_class_ == (name == "IDefender")  # the paper's rule: per class for I-defender only
+    # the paper's rule: per class for I-defender (and LRPSignature, its recipe on relevance) only
+    assert detector.per_class_ == (name in ("IDefender", "LRPSignature"))
 
 
 @pytest.mark.parametrize("name", CASES)
