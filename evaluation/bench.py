@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xaiadv.plugins.detectors import IDefender, KNNScore, SpatialEntropy
+from xaiadv.plugins.detectors import IDefender, KNNScore, LRPSignature, SpatialEntropy
 from xaiadv.plugins.relevance import Relevance
 
 from .data import DatasetNotFoundError, load_dataset
@@ -223,14 +223,15 @@ def _reference_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, t
 
 def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) -> list[BenchRow]:
     """Images per second of each detector's ``score`` at batch 256 next to the classifier's forward pass
-    (kNN, I-defender) or a gradient step (spatial entropy), and fitting time on ``references`` images
-    next to one forward pass over them."""
+    (kNN, I-defender, LRP signatures: one relevance pass, closed form on the last layer) or a gradient
+    step (spatial entropy), and fitting time on ``references`` images next to one forward pass over them."""
     generator = torch.Generator().manual_seed(seed)
     x_ref, y_ref, source = _reference_data(references, generator)
     batch = x_ref[:256] if len(x_ref) >= 256 else torch.rand(256, 1, 28, 28, generator=generator)
     detectors = {
         "KNNScore": KNNScore(model),
         "IDefender": IDefender(model),
+        "LRPSignature": LRPSignature(model),
         "SpatialEntropy": SpatialEntropy(model),
     }
 
@@ -254,6 +255,7 @@ def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) ->
         "forward pass": lambda: forward_over(batch),
         f"KNNScore.score ({len(x_ref)} references)": lambda: detectors["KNNScore"].score(batch),
         "IDefender.score": lambda: detectors["IDefender"].score(batch),
+        "LRPSignature.score": lambda: detectors["LRPSignature"].score(batch),
     }
     if importlib.util.find_spec("faiss") is not None:  # the same fitted references, searched by faiss
         faiss_knn = copy.copy(detectors["KNNScore"])

@@ -31,6 +31,7 @@ EXPECTED = {
         "forward pass",
         "KNNScore.score (300 references)",
         "IDefender.score",
+        "LRPSignature.score",
         "KNNScore.score, faiss backend (300 references)",  # faiss is in the `all` extra the tests install
     ],
     "detector score (gradient)": ["gradient step", "SpatialEntropy.score"],
@@ -38,6 +39,7 @@ EXPECTED = {
         "forward pass over 300 uniform noise images",
         "KNNScore.fit",
         "IDefender.fit",
+        "LRPSignature.fit",
         "SpatialEntropy.fit",
     ],
 }
