@@ -61,7 +61,14 @@ class Study(abc.ABC):
 
 def study_registry() -> Registry:
     """The study registry, filled: importing the modules that hold the studies registers them."""
-    from . import attack_study, detector_study, heatmap_study, signature_study  # noqa: F401  (@studies.register)
+    from . import (  # noqa: F401  (@studies.register)
+        attack_study,
+        detector_study,
+        heatmap_study,
+        retraining_study,
+        signature_study,
+        transfer_study,
+    )
 
     return studies
 
