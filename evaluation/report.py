@@ -16,7 +16,6 @@ from typing import Any
 from . import figures
 from .heatmap_study import NUMBERS, example_heatmaps
 from .heatmaps import plot_heatmaps
-from .retraining_study import report_section as retraining_section
 from .rundir import SCHEMA_VERSION, RunDirectory
 from .transfer_study import report_section as transfer_section
 
@@ -122,7 +121,6 @@ def render_report(run_dir: str | Path) -> Path:
             _detector_section(results, run),
             _heatmap_section(results, run),
             _signature_section(results, run),
-            retraining_section(results, run),
             transfer_section(results, run),
         ]
     except (KeyError, TypeError, OSError) as error:

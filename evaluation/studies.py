@@ -65,7 +65,6 @@ def study_registry() -> Registry:
         attack_study,
         detector_study,
         heatmap_study,
-        retraining_study,
         signature_study,
         transfer_study,
     )
