@@ -22,7 +22,12 @@ from art.attacks.attack import EvasionAttack  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 
 from xaiadv.plugins import checks  # noqa: E402
-from xaiadv.plugins.adaptive import AdaptiveConfig, DifferentiableDetector, detector_aware_pgd  # noqa: E402
+from xaiadv.plugins.adaptive import (  # noqa: E402
+    AdaptiveConfig,
+    check_same_model,
+    detector_aware_pgd,
+    differentiable_detector,
+)
 from xaiadv.plugins.checks import check_labels  # noqa: E402
 
 from ._art_classifier import classifier_of  # noqa: E402
@@ -122,49 +127,3 @@ class DetectorAwarePGD(EvasionAttack):
             return x.copy()
         self.last_bypassed, self.last_flagged = np.concatenate(bypassed), np.concatenate(flagged)
         return np.concatenate(outputs).astype(x.dtype, copy=False)
-
-
-def differentiable_detector(detector: object) -> DifferentiableDetector:
-    """The object with ``score_torch`` and ``threshold_``: the detector itself, or the plugin an ART
-    detector of ours wraps (``plugin_``); refused with what is missing otherwise, also when its score has
-    no gradient (``score_torch`` raises NotImplementedError on a probe, as spatial entropy's does)."""
-    for candidate in (detector, getattr(detector, "plugin_", None)):
-        if isinstance(candidate, DifferentiableDetector) and _fitted_threshold(candidate):
-            _check_differentiable(candidate)
-            return candidate
-    raise TypeError(
-        f"detector: a fitted detector with a differentiable score_torch(x) and a threshold_ is needed; got "
-        f"{type(detector).__name__} (fit and calibrate it first, or give a detector whose score is "
-        "differentiable)"
-    )
-
-
-def _fitted_threshold(detector: DifferentiableDetector) -> bool:
-    try:
-        threshold = np.asarray(getattr(detector, "threshold_", None), dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    return threshold.ndim <= 1 and threshold.size > 0 and bool(np.isfinite(threshold).all())
-
-
-def _check_differentiable(detector: DifferentiableDetector) -> None:
-    shape = getattr(detector, "input_shape_", None)
-    if shape is None:
-        return  # a user's detector: its first call will say
-    model = getattr(detector, "model", None)
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    try:
-        detector.score_torch(torch.zeros((1, *shape), device=device))
-    except NotImplementedError as error:
-        raise TypeError(f"detector: {error}; a detector-aware attack needs a differentiable score") from error
-
-
-def check_same_model(detector: object, model: torch.nn.Module) -> None:
-    """Refuse a detector that reads another model than the classifier's (when it says which it reads)."""
-    own = getattr(detector, "classifier", None) or getattr(detector, "model", None)
-    own_module = getattr(own, "module", getattr(own, "model", own))
-    if isinstance(own_module, torch.nn.Module) and own_module is not model:
-        raise ValueError(
-            "detector: it was fitted on another model than the classifier's; an adaptive attack must "
-            "attack the model the detector protects (use the same torch module)"
-        )

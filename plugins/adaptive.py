@@ -133,16 +133,8 @@ def _pgd(
     running = torch.ones(len(x_orig), dtype=torch.bool, device=x_orig.device)
     for _ in range(config.max_iter):
         rows = running.nonzero().squeeze(1)
-        z = x_adv[rows].detach().requires_grad_(True)
-        logits = classifier.logits(z)
-        score = detector.score_torch(z)
-        threshold = thresholds(detector, logits.detach().argmax(1)).to(score.dtype)
-        margin = _margin(logits, labels[rows]).clamp(min=-config.kappa)
-        excess = (score - threshold + config.delta).clamp(min=0.0)
-        loss = (margin + weight[rows].to(margin.dtype) * excess).sum()
-        (gradient,) = torch.autograd.grad(loss, z)
+        gradient, done = loss_gradient(classifier, detector, x_adv[rows], labels[rows], weight[rows], config)
         with torch.no_grad():
-            done = (logits.argmax(1) != labels[rows]) & (score <= threshold)
             step = _step(gradient.to(x_adv.dtype), config)
             moved = _project(x_adv[rows] - step, x_orig[rows], config).clamp(low, high)
             x_adv[rows] = torch.where(_per_sample(done, moved), x_adv[rows], moved)
@@ -150,6 +142,60 @@ def _pgd(
         if not bool(running.any()):
             break
     return x_adv.detach()
+
+
+def loss_gradient(
+    classifier: Classifier,
+    detector: DifferentiableDetector,
+    x_adv: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    config: AdaptiveConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration's work: the gradient of L(x') (module docstring) in ``x_adv`` (N, ...), and which
+    samples already bypass (N,) bool. What ``xaiadv bench`` times against an IFGSM step."""
+    z = x_adv.detach().requires_grad_(True)
+    logits = classifier.logits(z)
+    score = detector.score_torch(z)
+    threshold = thresholds(detector, logits.detach().argmax(1)).to(score.dtype)
+    margin = _margin(logits, labels).clamp(min=-config.kappa)
+    excess = (score - threshold + config.delta).clamp(min=0.0)
+    loss = (margin + weight.to(margin.dtype) * excess).sum()
+    (gradient,) = torch.autograd.grad(loss, z)
+    done = (logits.detach().argmax(1) != labels) & (score.detach() <= threshold)
+    return gradient, done
+
+
+def pgd(model: nn.Module | Classifier, x: torch.Tensor, y: object, *, config: AdaptiveConfig) -> torch.Tensor:
+    """The non-adaptive reference: PGD on the cross-entropy (Madry et al. 2018) in the same ball, with the
+    same step and iteration count as :func:`detector_aware_pgd`, blind to any detector and without early
+    stop (``search_steps``, ``kappa`` and ``delta`` unused). Raw ``x`` (N, ...) and true labels ``y``."""
+    classifier = Classifier.wrap(model)
+    x = check_inputs(x, classifier.bounds)
+    labels = check_labels(y, x.shape[0], None, x.device)
+    x_orig = x.detach().clamp(*classifier.bounds)
+    x_adv = x_orig.clone()
+    with classifier.evaluating():
+        for _ in range(config.max_iter):
+            z = x_adv.requires_grad_(True)
+            loss = nn.functional.cross_entropy(classifier.logits(z), labels, reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, z)
+            with torch.no_grad():  # ascent on the loss: descent on its negative
+                x_adv = _project(x_adv + _step(gradient, config), x_orig, config).clamp(*classifier.bounds)
+    return x_adv.detach()
+
+
+def vanishing_gradient_share(detector: DifferentiableDetector, x: torch.Tensor) -> float:
+    """The share of samples of ``x`` whose detector-score gradient is all zero or not finite: where that is
+    most of them, an adaptive attack has nothing to follow and its figure says little (Carlini et al. 2019,
+    section 5; Athalye et al. 2018)."""
+    z = x.detach().clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(detector.score_torch(z).sum(), z, allow_unused=True)
+    if gradient is None:
+        return 1.0
+    flat = gradient.flatten(1)
+    vanished = (flat == 0).all(1) | ~torch.isfinite(flat).all(1)
+    return float(vanished.double().mean())
 
 
 def _margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -228,3 +274,49 @@ class _WeightSearch:
             bounded, geometric, torch.where(raise_weight, self.weight * 10, self.weight / 10)
         )
         self.weight = torch.where(self.bypassed, self.weight, proposal)
+
+
+def differentiable_detector(detector: object) -> DifferentiableDetector:
+    """The object with ``score_torch`` and ``threshold_``: the detector itself, or the plugin an ART
+    detector of ours wraps (``plugin_``); refused with what is missing otherwise, also when its score has
+    no gradient (``score_torch`` raises NotImplementedError on a probe, as spatial entropy's does)."""
+    for candidate in (detector, getattr(detector, "plugin_", None)):
+        if isinstance(candidate, DifferentiableDetector) and _fitted_threshold(candidate):
+            _check_differentiable(candidate)
+            return candidate
+    raise TypeError(
+        f"detector: a fitted detector with a differentiable score_torch(x) and a threshold_ is needed; got "
+        f"{type(detector).__name__} (fit and calibrate it first, or give a detector whose score is "
+        "differentiable)"
+    )
+
+
+def _fitted_threshold(detector: DifferentiableDetector) -> bool:
+    try:
+        threshold = np.asarray(getattr(detector, "threshold_", None), dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return threshold.ndim <= 1 and threshold.size > 0 and bool(np.isfinite(threshold).all())
+
+
+def _check_differentiable(detector: DifferentiableDetector) -> None:
+    shape = getattr(detector, "input_shape_", None)
+    if shape is None:
+        return  # a user's detector: its first call will say
+    model = getattr(detector, "model", None)
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    try:
+        detector.score_torch(torch.zeros((1, *shape), device=device))
+    except NotImplementedError as error:
+        raise TypeError(f"detector: {error}; a detector-aware attack needs a differentiable score") from error
+
+
+def check_same_model(detector: object, model: torch.nn.Module) -> None:
+    """Refuse a detector that reads another model than the classifier's (when it says which it reads)."""
+    own = getattr(detector, "classifier", None) or getattr(detector, "model", None)
+    own_module = getattr(own, "module", getattr(own, "model", own))
+    if isinstance(own_module, torch.nn.Module) and own_module is not model:
+        raise ValueError(
+            "detector: it was fitted on another model than the classifier's; an adaptive attack must "
+            "attack the model the detector protects (use the same torch module)"
+        )
