@@ -11,6 +11,7 @@ absent from the list.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -34,6 +35,8 @@ from ._common import ATTACK_CLASSES, attack_params, build_config, run_plugin
 
 #: Our attacks by registry name -> plugin pattern (IFGSMNoise is thesis Algorithm 8, a reference variant).
 XAIADV_ATTACKS: dict[str, str] = {**ATTACK_CLASSES, "IFGSMNoise": "ifgsm_noise"}
+#: Detector-aware PGD (plugins/adaptive.py): built with a fitted detector (``detector=``), not a pattern.
+DETECTOR_AWARE = "DetectorAwarePGD"
 SOURCES = ("xaiadv", "art", "foolbox", "torchattacks")
 #: ART attacks whose estimator requirements would admit a PyTorchClassifier but which attack another kind of
 #: estimator: object detectors (their requirements are empty), or TensorFlow models.
@@ -176,7 +179,7 @@ def available_attacks(source: str | None = None) -> list[str]:
     """Every attack as ``source:Name``, sorted; ``source`` limits the list to one of SOURCES."""
     if source is not None and source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-    names = [f"xaiadv:{name}" for name in XAIADV_ATTACKS]
+    names = [f"xaiadv:{name}" for name in (*XAIADV_ATTACKS, DETECTOR_AWARE)]
     for library in SOURCES[1:]:
         names += [f"{library}:{name}" for name in _library_attacks(library)]
     return sorted(name for name in names if source is None or name.startswith(f"{source}:"))
@@ -215,6 +218,8 @@ def build_attack(
 def _build_xaiadv(
     name: str, model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
 ) -> BuiltAttack:
+    if name == DETECTOR_AWARE:
+        return _build_detector_aware(model, bounds, preprocessing, params)
     pattern = XAIADV_ATTACKS[name]
     config = build_config(pattern, params)
     classifier = Classifier(model, bounds, preprocessing)
@@ -226,6 +231,40 @@ def _build_xaiadv(
 
     built = BuiltAttack(f"xaiadv:{name}", params, run)
     return built
+
+
+def _build_detector_aware(
+    model: nn.Module, bounds: tuple[float, float], preprocessing: Any, params: dict[str, Any]
+) -> BuiltAttack:
+    """Detector-aware PGD against ``params["detector"]``, a fitted detector of ``model`` with a
+    differentiable score; the other params are :class:`~xaiadv.plugins.adaptive.AdaptiveConfig`'s."""
+    from xaiadv.plugins.adaptive import (
+        AdaptiveConfig,
+        check_same_model,
+        detector_aware_pgd,
+        differentiable_detector,
+    )
+
+    params = dict(params)
+    if params.get("detector") is None:
+        raise ParameterError(
+            "detector",
+            f"xaiadv:{DETECTOR_AWARE} needs a fitted detector with a differentiable score (detector=...); "
+            "a run config cannot give one: the detector study's `adaptive` parameters run it against each "
+            "detector of the run",
+        )
+    scorer = differentiable_detector(params.pop("detector"))
+    check_same_model(scorer, model)
+    config = AdaptiveConfig(**{key: float(v) if key == "norm" else v for key, v in params.items()})
+    classifier = Classifier(model, bounds, preprocessing)
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if y is None:
+            with torch.no_grad(), classifier.evaluating():
+                y = classifier.logits(x).argmax(1)
+        return detector_aware_pgd(classifier, scorer, x, y, config=config).x_adv
+
+    return BuiltAttack(f"xaiadv:{DETECTOR_AWARE}", params, run)
 
 
 def _mean_std(preprocessing: Any, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,6 +425,11 @@ def attack_parameters(name: str) -> dict[str, Any]:
     model. Foolbox: the constructor's keywords and ``epsilons`` (given at call time).
     """
     source, _, attack_name = name.partition(":")
+    if source == "xaiadv" and attack_name == DETECTOR_AWARE:
+        from xaiadv.plugins.adaptive import AdaptiveConfig
+
+        fields = dataclasses.fields(AdaptiveConfig)
+        return {"detector": inspect.Parameter.empty, **{f.name: f.default for f in fields}}
     if source == "xaiadv":
         return attack_params(XAIADV_ATTACKS[attack_name])
     signature = inspect.signature(_library_attacks(source)[attack_name].__init__)
