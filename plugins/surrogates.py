@@ -10,6 +10,8 @@ everywhere; each gets a surrogate that equals it in a limit:
 - the spatial entropy (Amirian et al. 2018, eq. 3) counts 8-bit values in a histogram.
   ``soft_histogram_entropy`` spreads each value over the bins with a Gaussian of width ``bandwidth``: as
   the bandwidth -> 0 every integer value falls in its own bin only, the count exactly.
+  ``soft_count_entropy`` is the same limit at P**2 instead of P * 256 terms per window: each value's count of
+  equal values becomes a sum of Gaussian kernels over the window's values.
 """
 
 from __future__ import annotations
@@ -78,3 +80,21 @@ def soft_histogram_entropy(values: torch.Tensor, *, bins: int = 256, bandwidth: 
     spread = torch.softmax(logits, dim=2)  # each value's unit mass over the bins
     p = spread.mean(1)
     return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(1)
+
+
+def soft_count_entropy(values: torch.Tensor, *, bandwidth: float = 1.0) -> torch.Tensor:
+    """Entropy (bits) of each row of ``values`` (N, P) from soft counts of equal values.
+
+    Eq. 3 in :func:`~xaiadv.plugins.detectors.entropy.local_spatial_entropy`'s form, S = log2(P) -
+    mean_i log2(c_i), with the count c_i of values equal to v_i softened to sum_j exp(-(v_i - v_j)^2 /
+    (2 bandwidth^2)): integer values give the exact entropy as the bandwidth -> 0 (c_i -> the count).
+    Why not :func:`soft_histogram_entropy`: P**2 kernel terms per row instead of P * bins, 28x fewer for a
+    3x3 window on 256 bins, which decides the memory of a double-backprop graph over every window.
+    c_i >= 1 (the value itself), so the result is finite, in [0, log2(P)]. Differentiable in ``values``.
+    """
+    checks.finite_number("bandwidth", bandwidth, low=0.0, low_open=True)
+    if values.dim() != 2 or values.shape[1] == 0:
+        raise ValueError(f"values must be (N, P) with P >= 1; got {tuple(values.shape)}")
+    gaps = values.unsqueeze(2) - values.unsqueeze(1)
+    counts = torch.exp(-gaps.square() / (2 * bandwidth**2)).sum(2)
+    return math.log2(values.shape[1]) - torch.log2(counts).mean(1)

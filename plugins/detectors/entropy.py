@@ -12,15 +12,29 @@ class's logit instead. The response is taken w.r.t. the model's own input (the n
 ``preprocessing=(mean, std)`` is given, the convention of :class:`~xaiadv.plugins.relevance.Relevance`).
 Gray scale is the mean of the response over channels (the paper converts its RGB response to gray).
 
-No ``score_torch``: eq. 3 counts equal values of an 8-bit quantization, a piecewise-constant function of
-the input whose gradient is zero almost everywhere; there is no exact differentiable form to offer.
+``score_torch`` (issue 14, for detector-aware attacks) is BPDA (Athalye et al. 2018): its value is the exact
+score, its gradient that of :meth:`SpatialEntropy.soft_score`, a surrogate equal to the score in its limit.
+Three steps of the score have no useful gradient, and each gets a stand-in in the backward pass only:
+- eq. 3 counts equal values per window, a piecewise-constant function: the counts become soft counts
+  (:func:`~xaiadv.plugins.surrogates.soft_count_entropy`, Gaussian kernels of width ``bandwidth`` gray levels;
+  exact as the bandwidth -> 0);
+- the 8-bit rounding: identity backward (forward exact);
+- the ReLU gates of guided backprop, 1[z > 0]: a ReLU network's response is piecewise constant in x through
+  them (its seed aside), so with ``target="logit"`` (a constant one-hot seed) the exact gradient is zero on
+  every sample; with the paper's seed (the layer's activations, piecewise linear in x) it is non-zero but
+  blind to where the gates switch. Backward, each gate is differentiated as sigmoid(z / gate_temperature)
+  (forward exact). The response itself is a gradient, so the surrogate is differentiated by double backprop
+  (``create_graph=True``) through ReLUs whose guided backward is written in differentiable torch ops.
+The min-max scaling to 0..255 keeps its exact (piecewise-linear) gradient.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,10 +42,11 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..checks import check_batch
+from ..checks import as_output, check_batch
 from ..features import FeatureExtractor, check_layers, last_layer_of_type
 from ..model import Classifier
 from ..relevance import Relevance
+from ..surrogates import soft_count_entropy
 from .base import Detector, Parts
 
 logger = logging.getLogger(__name__)
@@ -108,6 +123,65 @@ def quantize_8bit(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled.to(torch.uint8).reshape(maps.shape), degenerate
 
 
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU with guided backprop's backward (Springenberg et al. 2015): the incoming gradient's positive part,
+    gated by 1[z > 0], z read from ``gate_input`` (the same ReLU's input in a plain forward pass, so that a
+    second differentiation reaches x through true ReLU gradients). The gate's value is exact; its derivative
+    in z is that of sigmoid(z / temperature) (BPDA: the exact gate's is zero almost everywhere). Written in
+    differentiable ops, not ``once_differentiable``: the response can be differentiated (double backprop)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, gate_input: torch.Tensor, temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(gate_input)
+        ctx.temperature = temperature
+        return z.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (z,) = ctx.saved_tensors
+        smooth = torch.sigmoid(z / ctx.temperature)
+        gate = (z > 0).to(grad.dtype) + (smooth - smooth.detach())
+        return grad.clamp(min=0) * gate, None, None
+
+
+@contextmanager
+def _relu_inputs(model: nn.Module) -> Iterator[dict[nn.Module, list[torch.Tensor]]]:
+    """Every ``nn.ReLU``'s input, per module in call order, recorded for the block; a clone runs the module,
+    so that an in-place ReLU leaves the record intact. The hooks go on exit, even after an exception."""
+    seen: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+
+    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        seen[module].append(inputs[0])
+        return (inputs[0].clone(),)
+
+    handles = [m.register_forward_pre_hook(keep) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _guided_relus(
+    model: nn.Module, gate_inputs: dict[nn.Module, list[torch.Tensor]], temperature: float
+) -> Iterator[None]:
+    """Every ``nn.ReLU`` computes :class:`_GuidedReLU` for the block, its gate read from ``gate_inputs``
+    (:func:`_relu_inputs` of a plain pass, consumed in call order); the hooks go on exit, even after an
+    exception."""
+    with _relu_inputs(model) as seen:
+
+        def guide(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            return _GuidedReLU.apply(seen[module].pop(), gate_inputs[module].pop(0), temperature)
+
+        handles = [m.register_forward_hook(guide) for m in model.modules() if isinstance(m, nn.ReLU)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class SpatialEntropy(Detector):
     """Amirian et al. 2018: mean local spatial entropy of the guided-backprop feature response (eqs. 3-4).
 
@@ -121,6 +195,9 @@ class SpatialEntropy(Detector):
     target: "activations" (the paper: the layer's activations themselves as ``grad_output``) or
     "logit" (the predicted class's logit, one-hot ``grad_output``). patch: side of the entropy window
     (3 in the paper). model: a Classifier, or a module with ``preprocessing=(mean, std)`` applied before it.
+    bandwidth (gray levels) and gate_temperature (units of the ReLUs' inputs): the surrogate's widths that
+    ``score_torch``'s gradient follows (module docstring; defaults measured for the detector-aware attack);
+    they change no score, so they are not part of the saved configuration.
     """
 
     config_names = ("layer", "target", "patch")
@@ -134,8 +211,14 @@ class SpatialEntropy(Detector):
         patch: int = 3,
         batch_size: int = 128,
         preprocessing: object = None,
+        bandwidth: float = 1.0,
+        gate_temperature: float = 1.0,
     ) -> None:
         checks.one_of("target", target, TARGETS)
+        self.bandwidth = checks.finite_number("bandwidth", bandwidth, low=0.0, low_open=True)
+        self.gate_temperature = checks.finite_number(
+            "gate_temperature", gate_temperature, low=0.0, low_open=True
+        )
         self.patch = _check_patch(patch)
         super().__init__(model, batch_size=batch_size, preprocessing=preprocessing)
         module = self.classifier.module
@@ -191,11 +274,70 @@ class SpatialEntropy(Detector):
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def score_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """Not offered: eq. 3's histogram of an 8-bit quantization is piecewise constant in x."""
-        raise NotImplementedError(
-            "SpatialEntropy has no differentiable score: eq. 3 counts equal values of the 8-bit quantized "
-            "response, a piecewise-constant function of x whose gradient is zero almost everywhere"
-        )
+        """:meth:`score` (N,) float64 with :meth:`soft_score`'s gradient in ``x`` (BPDA, module docstring):
+        the value a detector-aware attack compares with the threshold is the detector's own."""
+        exact = self.score(x)
+        soft = self.soft_score(x)
+        return exact + (soft - soft.detach())
+
+    def soft_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The surrogate of eq. 4 (N,) float64: soft-count entropy (eq. 3) of the rounded 8-bit response.
+
+        Equal to :meth:`score` as the bandwidth -> 0 (the counts become exact; the rounding and the gates
+        are exact in the forward pass); differentiable in ``x`` by double backprop through
+        :meth:`response_torch`. A degenerate response (constant or non-finite) scores 0, as in :meth:`score`.
+        """
+        self._check_fitted()
+        x = check_batch(x, input_shape=self.input_shape_)
+        with self.classifier.evaluating():
+            parts = [self._soft_scores(x[start : start + self.batch_size]) for start in self._starts(x)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
+
+    def response_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`response` (N, H, W) with a graph to ``x`` (``create_graph=True``): the same values, and the
+        gradient of the guided-backprop map with the gates' BPDA derivative (module docstring)."""
+        x = self._check_x(x)
+        with self.classifier.evaluating():
+            parts = [self._response_torch(x[start : start + self.batch_size]) for start in self._starts(x)]
+        return torch.cat(parts) if parts else x.new_zeros(0, *x.shape[2:])
+
+    def _soft_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch of :meth:`soft_score`: quantize_8bit's scaling, its rounding by identity backward."""
+        flat = self._response_torch(x).flatten(1).to(torch.float64)
+        finite = torch.isfinite(flat).all(dim=1, keepdim=True)
+        flat = torch.where(finite, flat, torch.zeros_like(flat))  # degenerate: a constant row, entropy 0
+        low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+        span = high - low
+        scaled = (flat - low) / torch.where(span > 0, span, torch.ones_like(span)) * 255.0
+        rounded = (scaled + (scaled.round() - scaled).detach()).reshape(len(x), *x.shape[2:])
+        patch = self.patch
+        windows = rounded.unfold(1, patch, 1).unfold(2, patch, 1).reshape(-1, patch * patch)
+        return soft_count_entropy(windows, bandwidth=self.bandwidth).view(len(x), -1).mean(dim=1)
+
+    def _response_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_response`'s map kept in the graph, from two forward passes (not Zennit's hooks: their
+        backward is not differentiable). A plain pass gives the seed (the activations, not detached) and
+        every ReLU's input for the gates; a guided pass (:class:`_GuidedReLU`) is differentiated to the input.
+        A second differentiation so reaches x through the seed and the gates by the model's true gradient."""
+        module = self.classifier.module
+        with torch.enable_grad():
+            z = self.classifier.normalize(x).to(self.classifier.dtype)
+            if not z.requires_grad:  # a value only: the graph starts here
+                z = z.detach().requires_grad_(True)
+            with _relu_inputs(module) as gate_inputs, self._extractor.capturing(detach=False) as plain:
+                module(z)
+            guiding = _guided_relus(module, gate_inputs, self.gate_temperature)
+            with guiding, self._extractor.capturing(detach=False) as guided:
+                logits = as_output(module(z))
+            if self._layer not in guided:
+                raise ValueError(f"layer {self._layer!r} did not run in the model's forward pass")
+            if self.target == "logit":
+                outputs = logits
+                seed = torch.zeros_like(logits).scatter_(1, logits.detach().argmax(1, keepdim=True), 1.0)
+            else:
+                outputs, seed = guided[self._layer], plain[self._layer]
+            (response,) = torch.autograd.grad(outputs, z, grad_outputs=seed, create_graph=True)
+        return response.mean(dim=1)
 
     def _parts(self, x: torch.Tensor) -> Parts:
         """Eq. 4 per sample: the mean local spatial entropy, float64 (N,); and the predicted class."""

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from xaiadv.plugins.surrogates import soft_histogram_entropy, soft_knn_vote
+from xaiadv.plugins.detectors.entropy import local_spatial_entropy
+from xaiadv.plugins.surrogates import soft_count_entropy, soft_histogram_entropy, soft_knn_vote
 
 
 def _hard_vote(
@@ -76,6 +77,27 @@ def test_the_soft_histogram_entropy_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda v: soft_histogram_entropy(v, bins=8, bandwidth=0.5), (values,))
 
 
+def test_the_soft_count_entropy_is_eq_3_as_the_bandwidth_goes_to_zero() -> None:
+    """Oracle: local_spatial_entropy (itself checked against a per-patch histogram loop) on 3x3 windows."""
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 6, (4, 3, 3), generator=generator).double()
+    expected = local_spatial_entropy(maps).flatten()
+    found = soft_count_entropy(maps.flatten(1), bandwidth=0.05)
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)
+    constant = soft_count_entropy(torch.full((1, 9), 7.0, dtype=torch.float64), bandwidth=0.05)
+    assert float(constant) == 0.0
+    spread = soft_count_entropy(maps.flatten(1), bandwidth=2.0)
+    assert bool((spread < found).all())  # wide kernels count neighbours as equal: less entropy
+    assert bool((spread >= 0).all()) and bool((found <= math.log2(9) + 1e-12).all())
+
+
+def test_the_soft_count_entropy_passes_gradcheck() -> None:
+    values = torch.rand(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 5
+    assert torch.autograd.gradcheck(
+        lambda v: soft_count_entropy(v, bandwidth=0.7), (values.requires_grad_(True),)
+    )
+
+
 def test_bad_arguments_are_named() -> None:
     d, labels, target = (
         torch.rand(2, 3),
@@ -92,4 +114,8 @@ def test_bad_arguments_are_named() -> None:
         soft_knn_vote(d, labels, target, k=2, temperature=0.0)
     with pytest.raises(ValueError, match=r"bandwidth must be > 0"):
         soft_histogram_entropy(torch.zeros(1, 2), bandwidth=-1.0)
+    with pytest.raises(ValueError, match=r"bandwidth must be > 0"):
+        soft_count_entropy(torch.zeros(1, 2), bandwidth=0.0)
+    with pytest.raises(ValueError, match=r"values must be \(N, P\) with P >= 1; got \(1, 0\)"):
+        soft_count_entropy(torch.zeros(1, 0))
     assert math.isfinite(float(soft_knn_vote(d, labels, target, k=3)[0]))  # M == k: every candidate counts
