@@ -38,6 +38,7 @@ from xaiadv.bridge.registry import (
     detectors,
 )
 
+from .adaptive_study import AdaptiveSettings, adaptive_cell, adaptive_scorer
 from .data import training_subset
 from .metrics import equal_error_accuracy, operating_point, roc_auc, roc_curve, tpr_at_fpr
 from .studies import Study, studies
@@ -183,20 +184,33 @@ def fit_detector(
     Ours set their threshold on ``x_calibration`` (clean images of another split) when given, else on a
     held-out share of ``x_fit``; ART's peers decide by their own network's argmax.
     """
-    if is_trained_peer(spec.name):
-        return _fit_peer(spec, model, x_fit, y_fit, batch_size, device, seed)
-    return _fit_ours(spec, model, x_fit, y_fit, x_calibration, batch_size, device)
+    return fit_detector_object(
+        spec,
+        model,
+        x_fit,
+        y_fit,
+        x_calibration=x_calibration,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+    )[0]
 
 
-def _fit_ours(
+def fit_detector_object(
     spec: DetectorSpec,
     model: nn.Module,
     x_fit: np.ndarray,
     y_fit: np.ndarray,
+    *,
     x_calibration: np.ndarray | None,
     batch_size: int,
     device: torch.device,
-) -> Detect:
+    seed: int,
+) -> tuple[Detect, Any]:
+    """:func:`fit_detector`'s scoring function and the fitted ART detector of ours it calls (None for ART's
+    trained peers): the adaptive attack differentiates through the latter's plugin."""
+    if is_trained_peer(spec.name):
+        return _fit_peer(spec, model, x_fit, y_fit, batch_size, device, seed), None
     classifier = art_classifier(model, x_fit.shape[1:], BOUNDS, None, _device_type(device))
     detector = detector_registry()[spec.name](classifier, **spec.params)
     detector.fit(x_fit, y_fit, batch_size=batch_size, x_calibration=x_calibration)
@@ -205,7 +219,7 @@ def _fit_ours(
         report, flags = detector.detect(x, batch_size=batch_size)
         return report["score"], flags
 
-    return detect
+    return detect, detector
 
 
 def _fit_peer(
@@ -327,11 +341,19 @@ class DetectorStudy(Study):
     """Each of the run's detectors fitted once and scored against every finished attack: one cell each.
 
     A detector's cell is keyed by its spec, the clean splits' sizes and the keys of the attack cells it
-    scores, so it is recomputed when any of them changes.
+    scores, so it is recomputed when any of them changes. ``adaptive`` (None: no adaptive column): the
+    budgets of :mod:`~xaiadv.evaluation.adaptive_study`, one cell per detector and budget, keyed by the
+    spec, the splits and the settings.
     """
 
+    adaptive: AdaptiveSettings | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adaptive", AdaptiveSettings.of(self.adaptive))
+
     def cell_count(self, config: RunConfig) -> int:
-        return len(config.detectors)
+        budgets = 0 if self.adaptive is None else len(self.adaptive.eps) + self.adaptive.unbounded
+        return len(config.detectors) * (1 + budgets)
 
     def run(self, run: Run) -> None:
         if not run.config.detectors:
@@ -351,6 +373,36 @@ class DetectorStudy(Study):
                 key,
                 lambda spec=spec: run_detector_cell(spec, run, splits, done),
                 about={"name": spec.name},
+            )
+            if self.adaptive is not None:
+                self._adaptive_cells(spec, run, splits)
+
+    def _adaptive_cells(self, spec: DetectorSpec, run: Run, splits: CleanSplits) -> None:
+        """One cell per budget; the detector is fitted (once) only when a cell needs computing."""
+        settings = self.adaptive
+        fitted: list[tuple[Detect, Any]] = []
+
+        def detector() -> tuple[Detect, Any]:
+            if not fitted:
+                fitted.append(_fit_for(spec, run, splits))
+            return fitted[0]
+
+        shape, settings_key = tuple(run.sample.x.shape[1:]), dataclasses.asdict(settings)
+        for budget, eps in settings.budgets(shape, BOUNDS):
+            about = {"name": spec.name, "detector": spec.label, "budget": budget, "eps": eps}
+            about["unbounded"] = budget.endswith("unbounded")
+            run.cell(
+                "adaptive",
+                f"{spec.label} | {budget}",
+                run.key(
+                    dataclasses.asdict(spec),
+                    run.config.fit_samples,
+                    len(splits.x_calibration),
+                    settings_key,
+                    eps,
+                ),
+                lambda about=about: run_adaptive_cell(about, settings, run, detector),
+                about=about,
             )
 
 
@@ -402,3 +454,41 @@ def run_detector_cell(
         "rows": rows,
     }
     return cell, arrays
+
+
+def _fit_for(spec: DetectorSpec, run: Run, splits: CleanSplits) -> tuple[Detect, Any]:
+    return fit_detector_object(
+        spec,
+        run.model,
+        splits.x_fit,
+        splits.y_fit,
+        x_calibration=splits.x_calibration if len(splits.x_calibration) else None,
+        batch_size=run.config.batch_size,
+        device=run.device,
+        seed=run.config.seed,
+    )
+
+
+def run_adaptive_cell(
+    about: Mapping[str, Any],
+    settings: AdaptiveSettings,
+    run: Run,
+    detector: Callable[[], tuple[Detect, Any]],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Both attacks of one (detector, budget) on the first ``settings.samples`` initially correct sample
+    images: (the cell, its arrays)."""
+    detect, fitted = detector()
+    scorer, reason = adaptive_scorer(
+        fitted, f"no differentiable score: {about['name']} is trained by ART and offers no score_torch"
+    )
+    rows = np.flatnonzero(run.sample.initially_correct)[: settings.samples]
+    x = run.sample.x[torch.as_tensor(rows)].to(run.device)
+    y = run.sample.y[torch.as_tensor(rows)].to(run.device)
+    record, arrays = adaptive_cell(
+        run.model, detect, scorer, x, y, settings.config(about["eps"]), batch_size=run.config.batch_size
+    )
+    cell = {"kind": "adaptive", "label": f"{about['detector']} | {about['budget']}", **about}
+    return {**cell, "status": "done", "norm": settings.norm, "n": len(rows), "reason": reason, **record}, {
+        "index": rows,
+        **arrays,
+    }

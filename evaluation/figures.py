@@ -103,6 +103,35 @@ def plot_roc(
     return _save(figure, target)
 
 
+def plot_bypass_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float | None]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Bypass rate over eps per detector: the non-adaptive attack dashed, the adaptive one solid.
+
+    ``curves`` maps a detector label to {"eps": [...], "non_adaptive": [...], "adaptive": [...]}, of equal
+    length, eps finite and > 0, rates in [0, 1] or None (no adaptive attack: a detector without a
+    differentiable score, drawn as a gap).
+    """
+    target = _png_path(path)
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves must be a non-empty mapping of detector label -> series")
+    checked = {label: _check_bypass(label, curve) for label, curve in curves.items()}
+
+    figure = _figure((6.5, 4.5))
+    axes = figure.subplots()
+    for index, (label, (eps, plain, adaptive)) in enumerate(checked.items()):
+        color = f"C{index % 10}"
+        axes.plot(eps, plain, color=color, linestyle="--", marker="o", label=f"{label}, non-adaptive")
+        axes.plot(eps, adaptive, color=color, linestyle="-", marker="s", label=f"{label}, adaptive")
+    axes.set(xlabel="eps", ylabel="bypass rate", ylim=(-0.02, 1.02), title=title or "Bypass rate over eps")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    return _save(figure, target)
+
+
 def plot_examples(
     original: np.ndarray,
     adversarial: Mapping[str, np.ndarray],
@@ -328,6 +357,23 @@ def _check_curve(
         if key in series and ((series[key] < 0) | np.isinf(series[key])).any():
             raise ValueError(f"curves[{label!r}][{key!r}] must be finite, non-negative norms (or None)")
     return series["iteration"], asr, series[norm]
+
+
+def _check_bypass(
+    label: str, curve: Mapping[str, Sequence[float | None]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keys = ("eps", "non_adaptive", "adaptive")
+    if not isinstance(curve, Mapping) or not set(keys) <= set(curve):
+        raise ValueError(f"curves[{label!r}] must be a mapping with {list(keys)}")
+    eps, plain, adaptive = (_series(curve[key], f"curves[{label!r}][{key!r}]") for key in keys)
+    if not (eps.size == plain.size == adaptive.size) or eps.size == 0:
+        raise ValueError(f"curves[{label!r}]: eps, non_adaptive, adaptive must be non-empty, of one length")
+    if not (np.isfinite(eps) & (eps > 0)).all():
+        raise ValueError(f"curves[{label!r}]['eps'] must be finite budgets > 0")
+    for key, values in (("non_adaptive", plain), ("adaptive", adaptive)):
+        if ((values < 0) | (values > 1)).any():  # NaN compares False: gaps pass
+            raise ValueError(f"curves[{label!r}][{key!r}] must be rates in [0, 1] (or None)")
+    return eps, plain, adaptive
 
 
 def _check_roc(

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from . import figures
+from .adaptive_study import report_section as adaptive_section
 from .heatmap_study import NUMBERS, example_heatmaps
 from .heatmaps import plot_heatmaps
+from .retraining_study import report_section as retraining_section
 from .rundir import SCHEMA_VERSION, RunDirectory
 from .transfer_study import report_section as transfer_section
 
@@ -121,6 +123,7 @@ def render_report(run_dir: str | Path) -> Path:
             _detector_section(results, run),
             _heatmap_section(results, run),
             _signature_section(results, run),
+            retraining_section(results, run),
             transfer_section(results, run),
         ]
     except (KeyError, TypeError, OSError) as error:
@@ -287,7 +290,8 @@ def _detector_section(results: dict[str, Any], run: RunDirectory) -> str:
                 rocs, run.figures / f"roc-{run.cell_path('detector', label).stem}.png", title=label
             )
             lines += ["", f"![ROC {label}](figures/{path.name})"]
-    return "\n".join(lines)
+    adaptive = adaptive_section(results, run)
+    return "\n".join(lines + (["", adaptive] if adaptive else []))
 
 
 DETECTOR_HEADER = (
