@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 PAPER_TABLE_5 = {0.1: 0.9302, 0.15: 0.9587, 0.2: 0.9722, 0.25: 0.9807, 0.3: 0.9850}
 #: The paper's FGSM strengths (Tables 3 and 5).
 PAPER_STRENGTHS = tuple(PAPER_TABLE_5)
+#: FGSM (seed 002 eq. 1) by registry name and the parameter its strength is: the attacks Table 5 applies to.
+PAPER_ATTACKS = frozenset(
+    {("art:FastGradientMethod", "eps"), ("torchattacks:FGSM", "eps"), ("foolbox:FGSM", "epsilons")}
+)
 BOUNDS = (0.0, 1.0)
 
 
@@ -166,6 +170,11 @@ def _strengths(values: object) -> tuple[float, ...]:
     if len(set(values)) != len(values):
         raise ValueError(f"strengths: each value once; got {list(values)}")
     return tuple(float(v) for v in values)
+
+
+def paper_auc(attack: str, strength: str, value: float) -> float | None:
+    """Seed 002 Table 5's I-defender AUC for FGSM at ``value`` (None for another attack or strength)."""
+    return PAPER_TABLE_5.get(value) if (attack, strength) in PAPER_ATTACKS else None
 
 
 def strength_label(strength: str, value: float) -> str:
@@ -354,7 +363,7 @@ def run_transfer_cell(
             if substitute_correct.any()
             else None
         ),
-        "paper_auc": PAPER_TABLE_5.get(value) if study.strength == "eps" else None,
+        "paper_auc": paper_auc(study.attack, study.strength, value),
     }
     undefined = {}
     if not correct.any():
@@ -362,7 +371,7 @@ def run_transfer_cell(
     if not substitute_correct.any():
         undefined["substitute_asr"] = "the substitute classifies no sample correctly"
     if record["paper_auc"] is None:
-        undefined["paper_auc"] = "seed 002 Table 5 has FGSM at eps 0.1, 0.15, 0.2, 0.25, 0.3 only"
+        undefined["paper_auc"] = "seed 002 Table 5 has FGSM (L-inf) at eps 0.1, 0.15, 0.2, 0.25, 0.3 only"
     arrays = {
         "x_adv": found.x_adv,
         "target_clean": found.target_clean,
