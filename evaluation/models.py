@@ -12,6 +12,7 @@ every write is atomic.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -23,7 +24,7 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION",
     "LoadedModel",
+    "RetrainedModel",
     "TrainConfig",
     "TrainedModel",
     "build_model",
@@ -51,6 +53,7 @@ __all__ = [
     "default_cache_dir",
     "import_factory",
     "load_model",
+    "load_or_retrain",
     "load_or_train",
     "load_run_model",
     "model_e",
@@ -638,3 +641,96 @@ def _manifest_fields(
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt model manifest ({e!r}); {advice}") from e
     return config, shape, num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrained models: the retraining study's immune models, cached beside the clear ones, never over them
+
+#: The cache's sub-folder of retrained models (``<cache>/models/retrained/<key>``): a clear model's files
+#: (``<cache>/models/<dataset>-<key>``) can never be the ones an immune model is written to.
+RETRAINED = "retrained"
+
+
+@dataclass(frozen=True)
+class RetrainedModel:
+    """A model retrained from a clear one, in eval mode on the clear model's device; ``key`` (16 hex digits)
+    names its cache files, ``path`` is its ``.safetensors`` file."""
+
+    model: nn.Module
+    key: str
+    path: Path
+
+
+def retrained_key(base_digest: str, retraining: Mapping[str, Any]) -> str:
+    """The cache key of a retraining: sha256 of the clear model's weights digest and the retraining's
+    sorted JSON, 16 hex digits (a different attack or protocol, or other clear weights, give another)."""
+    text = json.dumps({"base": base_digest, "retraining": retraining}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_retrain(
+    clear: nn.Module,
+    base_digest: str,
+    retraining: Mapping[str, Any],
+    retrain: Callable[[nn.Module], nn.Module],
+    *,
+    cache_dir: Path | None = None,
+) -> RetrainedModel:
+    """The model ``retrain`` makes from a copy of ``clear``: from the cache, or retrained and saved there.
+
+    ``base_digest``: the clear model's weights digest (:class:`LoadedModel`); ``retraining``: JSON-ready,
+    everything else that determines the retrained weights. Saved as ``models/retrained/<key>.safetensors``
+    and a JSON manifest (the digest, the retraining, the weights' sha256) written last, atomically.
+    ``clear`` is never modified: ``retrain`` gets a deep copy.
+    """
+    key = retrained_key(base_digest, retraining)
+    stem = (cache_dir if cache_dir is not None else default_cache_dir()) / "models" / RETRAINED / key
+    model = copy.deepcopy(clear)
+    if _manifest_path(stem).exists():
+        _load_retrained(stem, model, base_digest, retraining)
+        logger.info("loaded cached retrained model %s", _weights_path(stem))
+    else:
+        model = retrain(model)
+        _save_retrained(stem, model, base_digest, retraining, key)
+    return RetrainedModel(model.eval(), key, _weights_path(stem))
+
+
+def _save_retrained(
+    stem: Path, model: nn.Module, base_digest: str, retraining: Mapping[str, Any], key: str
+) -> None:
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    blob = safetensors.torch.save(tensors)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": RETRAINED,
+        "key": key,
+        "base_sha256": base_digest,
+        "retraining": retraining,
+        "weights_file": _weights_path(stem).name,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(_weights_path(stem), blob)
+    atomic_write(_manifest_path(stem), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    logger.info("saved retrained model to %s", _weights_path(stem))
+
+
+def _load_retrained(stem: Path, model: nn.Module, base_digest: str, retraining: Mapping[str, Any]) -> None:
+    """Load a retrained model's weights into ``model`` (a copy of the clear one) after checking that the
+    manifest names this clear model and this retraining and that the weights match their sha256."""
+    manifest_path, weights = _manifest_path(stem), _weights_path(stem)
+    advice = f"delete {manifest_path} and {weights} and run again"
+    manifest = _read_manifest(manifest_path, advice)
+    wanted = {"base_sha256": base_digest, "retraining": json.loads(json.dumps(retraining))}
+    if any(manifest.get(name) != value for name, value in wanted.items()):
+        raise ValueError(f"{manifest_path}: holds another retraining than the requested {wanted}; {advice}")
+    try:
+        blob = weights.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{weights}: cannot read the model weights ({e}); {advice}") from e
+    if hashlib.sha256(blob).hexdigest() != manifest.get("weights_sha256"):
+        raise ValueError(f"{weights}: sha256 does not match the manifest (corrupt or tampered); {advice}")
+    try:
+        model.load_state_dict(safetensors.torch.load(blob), strict=True)
+    except Exception as e:  # safetensors' own error type, or load_state_dict's RuntimeError
+        raise ValueError(f"{weights}: weights do not fit the clear model ({e}); {advice}") from e

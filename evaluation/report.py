@@ -17,6 +17,7 @@ from . import figures
 from .adaptive_study import report_section as adaptive_section
 from .heatmap_study import NUMBERS, example_heatmaps
 from .heatmaps import plot_heatmaps
+from .retraining_study import report_section as retraining_section
 from .rundir import SCHEMA_VERSION, RunDirectory
 from .transfer_study import report_section as transfer_section
 
@@ -122,6 +123,7 @@ def render_report(run_dir: str | Path) -> Path:
             _detector_section(results, run),
             _heatmap_section(results, run),
             _signature_section(results, run),
+            retraining_section(results, run),
             transfer_section(results, run),
         ]
     except (KeyError, TypeError, OSError) as error:

@@ -65,6 +65,7 @@ def study_registry() -> Registry:
         attack_study,
         detector_study,
         heatmap_study,
+        retraining_study,
         signature_study,
         transfer_study,
     )
