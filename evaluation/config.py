@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -163,6 +164,52 @@ class ModelSpec:
         object.__setattr__(self, "factory_kwargs", _table("factory_kwargs", self.factory_kwargs))
 
 
+#: Where a run's cells are computed (``[executor] kind``): here, one after another, or as Ray tasks.
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where the cells run: ``kind = "local"`` (in this process, the default) or ``"ray"`` (a task each).
+
+    ``address``: the Ray cluster to join (``"auto"``, ``"host:port"`` or ``"ray://host:port"``); None starts a
+    local Ray instance. ``num_cpus``/``num_gpus``: what each cell asks Ray for (fractional GPUs let several
+    cells share one). ``max_retries``: how often Ray reruns a cell whose worker process died.
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        checks.one_of("kind", self.kind, EXECUTORS)
+        if self.address is not None:
+            if self.kind != "ray":
+                raise ValueError(f"address: only kind = 'ray' joins a cluster; kind is {self.kind!r}")
+            ray_address(self.address)
+        for key in ("num_cpus", "num_gpus"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{key}: expected a finite number >= 0, got {value!r}")
+            object.__setattr__(self, key, float(value))
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("num_cpus: a cell needs some CPU or GPU; num_cpus and num_gpus are both 0")
+        checks.natural_int("max_retries", self.max_retries)
+
+
+def ray_address(address: object) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address, None for ``"auto"``; a ValueError naming ``address`` otherwise."""
+    if address == "auto":
+        return None
+    text = _string("address", address).removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address: expected 'auto', 'host:port' or 'ray://host:port', got {address!r}")
+    return host, int(port)
+
+
 #: The keys of the ``[data]`` table: RunConfig fields of the same names.
 DATA_KEYS = ("dataset", "samples", "fit_samples", "calibration_samples", "fallback")
 
@@ -178,6 +225,7 @@ class RunConfig:
     ``studies``: registered study objects with their parameters; default the attack and detector studies
     (:data:`~xaiadv.evaluation.studies.DEFAULT_STUDIES`). Attack cells run whatever the studies.
     ``name``: what the report's header calls the run (optional; names no result).
+    ``executor``: where the cells are computed (:class:`ExecutorSpec`; names no result).
     ``folder``: the config file's folder (absolute), where the model factory's module is looked for.
     """
 
@@ -195,6 +243,7 @@ class RunConfig:
     batch_size: int = 128
     studies: tuple[Study, ...] = field(default_factory=default_studies)
     name: str | None = None
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     source: str = "<dict>"
     folder: str = "."
 
@@ -216,6 +265,12 @@ class RunConfig:
         checks.positive_int("batch_size", self.batch_size)
         if not isinstance(self.model, ModelSpec):
             raise ValueError(f"model: expected a ModelSpec, got {type(self.model).__name__}")
+        if not isinstance(self.executor, ExecutorSpec):
+            raise ValueError(f"executor: expected an ExecutorSpec, got {type(self.executor).__name__}")
+        if self.executor.kind == "ray" and self.device == "cuda" and self.executor.num_gpus == 0:
+            raise ValueError(
+                "executor.num_gpus: device = 'cuda' on Ray needs a GPU share per cell (e.g. num_gpus = 0.25)"
+            )
         self._check_entries("attacks", AttackSpec, required=True)
         self._check_entries("detectors", DetectorSpec, required=False)
         self._check_entries("studies", Study, required=False)
@@ -241,10 +296,12 @@ class RunConfig:
             raise ValueError(f"{key}: {said}; repeated: {repeated}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the fields (the source file and its folder left out: they name no result)."""
+        """JSON-ready dict of the fields (the source file, its folder and the executor left out: they name no
+        result; environment.json records the executor)."""
         data = asdict(self)
         data.pop("source")
         data.pop("folder")
+        data.pop("executor")
         data["studies"] = [study.to_dict() for study in self.studies]
         return data
 
@@ -265,9 +322,9 @@ def _located(source: str, prefix: str = "") -> Iterator[None]:
 # TOML -> the dataclasses: keys mapped, nothing else decided here
 
 #: Top-level scalar keys: RunConfig fields of the same names. The tables: [data], [model], [[attacks]],
-#: [[detectors]], [[studies]].
+#: [[detectors]], [[studies]], [executor].
 TOP_KEYS = ("name", "seed", "output", "device", "batch_size")
-TABLES = ("data", "model", "attacks", "detectors", "studies")
+TABLES = ("data", "model", "attacks", "detectors", "studies", "executor")
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -310,6 +367,10 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>", folder: str 
         ),
         "model": _model(read, read.table(raw, "model", required=False), folder),
     }
+    executor = read.table(raw, "executor", required=False)
+    read.keys(executor, set(_field_names(ExecutorSpec)), "executor.")
+    with _located(source, "executor."):
+        entries["executor"] = ExecutorSpec(**executor)
     if "studies" in raw:
         entries["studies"] = _studies(read, raw["studies"])
     config = RunConfig(

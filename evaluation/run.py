@@ -9,7 +9,12 @@ reused, a cell that raises fails alone (``failed_cells`` lists it and a rerun re
 is saved atomically, and ``results.json`` is rewritten after each cell with ``complete: false``, finally
 with ``complete: true`` when no cell failed, then the report is rendered. Ctrl-C raises
 :class:`RunInterrupted`, which says how many cells are saved. The same config and seed give the same
-``results.json`` on CPU, timings aside.
+``results.json`` on CPU, timings aside, with either executor.
+
+Where a cell is computed is the executor's business (``[executor]``, :mod:`.executor`): at once, here
+(local), or as a Ray task whose outcome :meth:`Run.record` saves on arrival. The run waits for every
+cell after the attack cells and after each study (:meth:`~.executor.Executor.barrier`), since later
+studies read earlier cells.
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ import logging
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +39,7 @@ from xaiadv.plugins.checks import looks_like_probabilities
 from . import attack_study
 from .config import AttackSpec, RunConfig
 from .data import Dataset, DatasetNotFoundError, load_dataset
+from .executor import CellTask, Compute, Executor, LocalExecutor, Outcome, open_executor
 from .models import load_run_model
 from .report import render_report
 from .rundir import SCHEMA_VERSION, RunDirectory, key_of, to_json
@@ -51,9 +56,6 @@ PACKAGES = (
     "foolbox",
     "torchattacks",
 )
-
-#: What a cell's computation returns: its JSON record and its arrays (saved as npz beside it).
-Compute = Callable[[], tuple[dict[str, Any], Mapping[str, np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,13 @@ def run_evaluation(config: RunConfig, *, progress: bool = False) -> RunResult:
     directory = RunDirectory(config.output)
     directory.prepare()
     run: Run | None = None
-    try:
-        run = Run.start(config, device, directory, progress=progress)
-        return run.execute()
-    except KeyboardInterrupt as interrupt:
-        finished = 0 if run is None else run.finished_cells()
-        raise RunInterrupted(finished, cell_count(config), directory.root) from interrupt
+    with open_executor(config.executor, progress=progress) as executor:
+        try:
+            run = Run.start(config, device, directory, executor=executor, progress=progress)
+            return run.execute()
+        except KeyboardInterrupt as interrupt:  # the executor cancels what is still running on exit
+            finished = 0 if run is None else run.finished_cells()
+            raise RunInterrupted(finished, cell_count(config), directory.root) from interrupt
 
 
 def cell_count(config: RunConfig) -> int:
@@ -115,7 +118,8 @@ class Run:
 
     ``base_key``: the hash of what every cell depends on (data set, sample, seed, model weights, batch
     size); :meth:`key` extends it with what one cell depends on. ``attacks``: each attack's cell as
-    results.json shows it, plus its ``key`` (the detector study keys its cells by them).
+    results.json shows it, plus its ``key`` (the detector study keys its cells by them). ``executor``:
+    where the cells are computed; a Ray executor also decides how the run is pickled for its workers.
     """
 
     config: RunConfig
@@ -127,14 +131,28 @@ class Run:
     results: dict[str, Any]
     base_key: str
     progress: bool = False
+    executor: Executor = field(default_factory=LocalExecutor)
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: list[str] = field(default_factory=lambda: ["attack", "detector"])
+    order: dict[str, list[str]] = field(default_factory=dict)  # each kind's labels as the run asked
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A cell's closure captures its run; only a Ray executor ships it (small state, not the model)."""
+        return self.executor.reduce_run(self)
 
     @classmethod
     def start(
-        cls, config: RunConfig, device: torch.device, directory: RunDirectory, *, progress: bool = False
+        cls,
+        config: RunConfig,
+        device: torch.device,
+        directory: RunDirectory,
+        *,
+        executor: Executor | None = None,
+        progress: bool = False,
     ) -> Run:
-        """Load the data and the model, take the sample, write config, environment and the first results."""
+        """Load the data and the model, take the sample, write config, environment and the first results;
+        then let the executor prepare (Ray: put the data and the model in the object store, probe nodes)."""
+        executor = LocalExecutor() if executor is None else executor
         directory.write_json(directory.root / "config.json", config.to_dict())
         data, fell_back = _dataset(config)
         loaded = load_run_model(config.model, dataset=data.name, folder=Path(config.folder), device=device)
@@ -143,7 +161,7 @@ class Run:
             "schema_version": SCHEMA_VERSION,
             "complete": False,
             "config": config.to_dict(),
-            "environment": environment(config, device),
+            "environment": {**environment(config, device), "executor": {**executor.describe(), "cells": {}}},
             "data": {
                 "dataset": data.name,
                 "fell_back": fell_back,
@@ -166,18 +184,25 @@ class Run:
         base_key = key_of(
             config.dataset, data.name, config.samples, config.seed, loaded.digest, config.batch_size
         )
-        return cls(config, device, directory, data, loaded.model, sample, results, base_key, progress)
+        run = cls(
+            config, device, directory, data, loaded.model, sample, results, base_key, progress, executor
+        )
+        executor.prepare(run)
+        return run
 
     def key(self, *parts: object) -> str:
         """The resume key of a cell that depends on ``parts`` beside what every cell depends on."""
         return key_of(self.base_key, *parts)
 
     def execute(self) -> RunResult:
-        """Every attack cell, then every study; the final results.json and the report."""
+        """Every attack cell, then every study, each finished before the next; final results, the report."""
         for spec in tqdm(self.config.attacks, desc="attacks", disable=not self.progress):
             self.attacks[spec.label] = self._attack_cell(spec)
+        self.executor.barrier(self)
+        self.attacks = {label: dict(cell) for label, cell in self.attacks.items()}  # Ray: pending cells read
         for study in self.config.studies:
             study.run(self)
+            self.executor.barrier(self)
         self.results["failed_cells"] = self.failed_cells()
         self.results["complete"] = not self.results["failed_cells"]
         self.directory.write_json(self.directory.results, self.results)
@@ -203,37 +228,50 @@ class Run:
 
     def cell(
         self, kind: str, label: str, key: str, compute: Compute, *, about: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """One cell: reused when finished on disk with ``key``, else computed from the run's seed and
-        saved atomically, or recorded as failed when ``compute`` raises (an Exception: Ctrl-C passes).
+    ) -> Mapping[str, Any]:
+        """One cell: reused when finished on disk with ``key``, else computed by the executor from the
+        run's seed and saved atomically, or recorded as failed when ``compute`` raises (an Exception:
+        Ctrl-C passes).
 
         ``about``: what names the cell's work (registry name, parameters), kept in a failed cell's record.
         The cell is shown in ``results[kind + "s"]`` and results.json is rewritten; returns the cell as
-        shown there, plus its ``key``.
+        shown there, plus its ``key``. With Ray the cell may still be computing: reading the returned
+        mapping waits for it, so a ``compute`` may read only the cells of earlier studies and the cells
+        of its own study whose returned mapping was read before it was submitted.
         """
+        if kind not in self.kinds:
+            self.kinds.append(kind)
+        self.order.setdefault(kind, []).append(label)
         cell = self.directory.finished_cell(kind, label, key)
         if cell is not None:
             logger.info("%s %s: reusing the finished cell", kind, label)
-        else:
-            logger.info("%s %s", kind, label)
-            _seed(self.config.seed)
+            return self._show(kind, label, key, cell)
+        logger.info("%s %s", kind, label)
+        return self.executor.submit(self, CellTask(kind, label, key, compute, dict(about or {})))
+
+    def record(self, task: CellTask, outcome: Outcome) -> dict[str, Any]:
+        """Save a computed cell atomically (or record it failed), note the node that ran it; the cell."""
+        kind, label, key = task.kind, task.label, task.key
+        error, cell = outcome.error, outcome.record
+        if cell is not None:
             try:
-                cell, arrays = compute()
-                self.directory.save_cell(kind, label, {**cell, "key": key}, arrays)
-            except Exception as error:  # a cell that raises fails alone, not the run
-                logger.warning("%s %s failed: %s", kind, label, error)
-                cell = {
-                    "kind": kind,
-                    "label": label,
-                    **(about or {}),
-                    "status": "failed",
-                    "error": f"{type(error).__name__}: {error}",
-                }
-        if kind not in self.kinds:
-            self.kinds.append(kind)
+                self.directory.save_cell(kind, label, {**cell, "key": key}, outcome.arrays)
+            except Exception as failure:  # a record that cannot be saved fails its cell, not the run
+                error = f"{type(failure).__name__}: {failure}"
+        if error is not None:
+            logger.warning("%s %s failed: %s", kind, label, error)
+            cell = {"kind": kind, "label": label, **task.about, "status": "failed", "error": error}
+        self.results["environment"]["executor"]["cells"][f"{kind}/{label}"] = outcome.node
+        self.directory.write_json(self.directory.root / "environment.json", self.results["environment"])
+        return self._show(kind, label, key, cell)
+
+    def _show(self, kind: str, label: str, key: str, cell: Mapping[str, Any]) -> dict[str, Any]:
+        """Put ``cell`` in its table, in the order the run asked for the cells; rewrite results.json."""
         shown = {k: v for k, v in cell.items() if k not in ("key", "arrays")}  # bookkeeping left out
-        self.results.setdefault(f"{kind}s", {})[label] = shown
+        table = {**self.results.get(f"{kind}s", {}), label: shown}
+        self.results[f"{kind}s"] = {name: table[name] for name in self.order[kind] if name in table}
         self.directory.write_json(self.directory.results, self.results)
+        self.executor.shown()
         return {**shown, "key": key}
 
     def _cells(self) -> list[dict[str, Any]]:
@@ -256,12 +294,6 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but torch sees no CUDA GPU here; use device = 'cpu'")
     return torch.device(name)
-
-
-def _seed(seed: int) -> None:
-    """Every cell starts from the same seed, so a cell's result does not depend on which cells ran before."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # ART's attacks draw from numpy's global generator
 
 
 def _dataset(config: RunConfig) -> tuple[Dataset, bool]:
