@@ -1,7 +1,7 @@
 """The ``xaiadv`` command line: it parses arguments, calls one typed library function, prints for people.
 
 xaiadv demo            the built-in evaluation (evaluation/demo.toml): attack and detector studies, a report
-xaiadv run CONFIG      run or resume the evaluation a TOML config describes
+xaiadv run CONFIG      run or resume the evaluation a TOML config describes (--executor ray)
 xaiadv report RUN_DIR  re-render a run's report.md and figures from its saved results
 xaiadv list            every attack, detector and study as source:Name, by kind and source (--flat)
 xaiadv train           train (or load from the cache) a reference CNN and print its accuracy
@@ -11,6 +11,7 @@ xaiadv bench           seconds per iteration of IFGSM and the LRP attacks, side 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import math
@@ -68,7 +69,13 @@ def _run(args: argparse.Namespace) -> int:
     from .run import run_evaluation
 
     overrides = {key: value for key, value in (("output", args.output), ("device", args.device)) if value}
-    return _finish(run_evaluation(load_config(args.config, overrides=overrides), progress=True), "run")
+    config = load_config(args.config, overrides=overrides)
+    if args.executor or args.address:  # --address alone means Ray: only Ray joins a cluster
+        kind = args.executor or "ray"
+        address = args.address or (config.executor.address if kind == "ray" else None)
+        executor = dataclasses.replace(config.executor, kind=kind, address=address)
+        config = dataclasses.replace(config, executor=executor)
+    return _finish(run_evaluation(config, progress=True), "run")
 
 
 def _finish(result: RunResult, command: str) -> int:
@@ -210,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="a run config, e.g. a copy of evaluation/demo.toml")
     run.add_argument("--output", help="run folder (overrides the config's output)")
     run.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
+    run.add_argument("--executor", choices=("local", "ray"), help="overrides [executor] kind")
+    run.add_argument("--address", help="Ray cluster to join ('auto', 'host:port', 'ray://host:port')")
     run.set_defaults(run=_run)
 
     report = commands.add_parser("report", help="re-render report.md and the figures of a run folder")
@@ -250,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: a missing extra
         print(f"xaiadv {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as interrupted:
