@@ -7,13 +7,27 @@ Section 4, eq. 2: ``s(q, c) = sum_i w_i 1{c_i = c} / sum_i w_i`` over the k near
 of the query q, with ``w_i = 1`` (kNN), ``1/i`` (W-kNN) or ``1/d(q, x_i)^2`` (DW-kNN) (Table 1); the
 detector's score is ``1 - s(q, f(q))``, so that higher means more likely adversarial.
 
-Search is exact, chunked over queries: a float32 pass (``|q|^2 + |r|^2 - 2 q.r``; torch, or faiss's
-``IndexFlatL2`` with ``backend="faiss"`` for large reference sets) picks candidates, their distances are
-recomputed exactly in float64 from the differences (so an exact duplicate is at distance exactly 0), and
-rows where float32 rounding could have hidden a nearer or tied reference are searched again in float64.
-Ties go to the lower reference index, so both backends give the same neighbours. The distance is always
-Euclidean (on ``l2``-normalized features it orders neighbours as cosine similarity does), hence the L2
-index for faiss.
+Search is exact by default, chunked over queries: a float32 pass (``|q|^2 + |r|^2 - 2 q.r``; torch, or
+faiss's flat L2 index with ``backend="faiss"``) picks candidates, their distances are recomputed exactly in
+float64 from the differences (so an exact duplicate is at distance exactly 0), and rows where float32
+rounding could have hidden a nearer or tied reference are searched again in float64. Ties go to the lower
+reference index, so both backends give the same neighbours. The distance is always Euclidean (on
+``l2``-normalized features it orders neighbours as cosine similarity does), hence L2 indexes for faiss.
+
+References at scale (issue 15): ``backend="faiss"`` takes any faiss index factory string as ``index``
+(``"Flat"``, the exact search above; ``"IVF4096,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"`` approximate),
+trained on the references at fit, with ``nprobe`` (IVF) and ``ef_search`` (HNSW). An approximate index
+proposes the candidates; they are re-ranked by their exact float64 distances, so the k neighbours found are
+a subset of the true candidates and their distances exact, but a true neighbour the index misses is missed
+(recall@k below 1; rows where the index returns fewer than k candidates are searched exactly). The index is
+saved with the detector as faiss' own serialization, a uint8 array beside the references (no pickle).
+
+Differentiable score (issue 14): eq. 2 with uniform or rank weights is piecewise constant in x.
+:meth:`KNNScore.score_torch` is then the soft-kNN surrogate
+(:func:`~xaiadv.plugins.surrogates.soft_knn_vote`) over the 2k nearest references: each weighted by
+``sigmoid((tau - d_i) / temperature)``, tau halfway between the k-th and (k+1)-th distance, so that it
+equals :meth:`KNNScore.score` as the temperature -> 0. DW-kNN's weights ``1/d_i^2`` are differentiable:
+its ``score_torch`` is the score itself.
 
 Ties of the score: it takes few values (multiples of 1/k with uniform weights, exactly 1 whenever no neighbour
 has the predicted class), so clean scores pile up and a threshold on the score alone can miss its target
@@ -26,8 +40,11 @@ tie-break threshold (:func:`~xaiadv.plugins.calibration.tie_broken_threshold_at_
 from __future__ import annotations
 
 import importlib
+import logging
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -40,11 +57,16 @@ from .. import checks
 from ..checks import check_batch, check_labels
 from ..features import FeatureExtractor, check_layers, last_layer_of_type, pooled
 from ..model import Classifier
+from ..surrogates import soft_knn_vote
 from .base import Detector, Parts
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "rank", "distance")
 PREPROCESSES: tuple[str | None, ...] = (None, "l2", "pca")
 BACKENDS: tuple[str, ...] = ("torch", "faiss")
+#: The faiss index factory string of the exact search, the one the torch backend does.
+EXACT_INDEX = "Flat"
+
+logger = logging.getLogger(__name__)
 
 #: The PCA width ``n_components=None`` aims for, when the features allow that many directions.
 AUTO_COMPONENTS = 256
@@ -66,7 +88,12 @@ class KNNScore(Detector):
     ``weighting="distance"`` (DW-kNN, ``w_i = 1/d_i^2``) with an exact match (``d = 0``) among the k
     neighbours: the limit of eq. 2 as those distances go to 0, i.e. the zero-distance neighbours carry all
     the weight, shared equally. Memory of one search chunk: ``chunk_size * n_references`` float32 values.
-    ``backend="faiss"`` searches with faiss (``pip install xaiadv[faiss]``) on the CPU: the same neighbours.
+    ``backend="faiss"`` searches with faiss (``pip install xaiadv[faiss]``): ``index="Flat"`` (default) gives
+    the same neighbours as torch; another factory string (``"IVF4096,Flat"``, ``"HNSW32"``, ...) an
+    approximate index trained on the references, searched with ``nprobe`` inverted lists (IVF indexes) or
+    ``ef_search`` candidates (HNSW indexes); None leaves faiss' default (nprobe 1, efSearch 16). On a CUDA
+    device with faiss' GPU build the index is searched on that GPU. ``temperature``: the soft-kNN
+    surrogate's (:meth:`score_torch`, uniform and rank weights), in units of feature distance.
     ``score_references()`` scores the references themselves, each left out of its own neighbours.
 
     ``preprocess="pca"`` whitens the features onto ``n_components`` principal directions. ``None`` (default):
@@ -78,7 +105,19 @@ class KNNScore(Detector):
     fitted ``n_components_``.
     """
 
-    config_names = ("layer", "k", "weighting", "preprocess", "n_components", "chunk_size", "backend")
+    config_names = (
+        "layer",
+        "k",
+        "weighting",
+        "preprocess",
+        "n_components",
+        "chunk_size",
+        "backend",
+        "index",
+        "nprobe",
+        "ef_search",
+        "temperature",
+    )
 
     def __init__(
         self,
@@ -92,6 +131,10 @@ class KNNScore(Detector):
         batch_size: int = 256,
         chunk_size: int = 2048,
         backend: str = "torch",
+        index: str = EXACT_INDEX,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        temperature: float = 0.1,
         preprocessing: object = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size, preprocessing=preprocessing)
@@ -105,6 +148,8 @@ class KNNScore(Detector):
         self.backend = checks.one_of("backend", backend, BACKENDS)
         if backend == "faiss":
             _faiss()  # missing faiss: the ImportError now, not at the first search
+        self.index, self.nprobe, self.ef_search = _check_index(backend, index, nprobe, ef_search)
+        self.temperature = checks.finite_number("temperature", temperature, low=0.0, low_open=True)
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"layer must be a layer name (str) or None; got {layer!r}")
         module = self.classifier.module
@@ -129,7 +174,8 @@ class KNNScore(Detector):
         ``raw_feature_dim_`` (D before preprocess), ``reference_features_`` (N, D) float32 after preprocess,
         ``reference_labels_`` (N,), ``reference_predictions_`` (N,) the model's classes for x, and for PCA
         ``n_components_`` (the width used, see the class docstring), ``pca_mean_`` (D,) and
-        ``pca_projection_`` (D, n_components_) in float64.
+        ``pca_projection_`` (D, n_components_) in float64; with ``backend="faiss"``, ``index_`` (the faiss
+        index on the CPU, trained on and holding the references).
         """
         n = x.shape[0]
         if n < self.k:
@@ -143,17 +189,23 @@ class KNNScore(Detector):
                 f"n_components={self.n_components} must be <= min(number of samples, feature size) = "
                 f"min({n}, {dim}) for preprocess='pca' (n_components=None takes as many as the data allow)"
             )
+        if self.backend == "faiss" and (self.preprocess != "pca" or explicit):  # the index's checks first
+            self._new_index(self.n_components if self.preprocess == "pca" else dim, n)
         logits, raw = self._forward(x)
         if self.preprocess == "pca":
             self.pca_mean_, self.pca_projection_ = _fit_whitening(raw, self.n_components)
             self.n_components_ = int(self.pca_projection_.shape[1])
+        features = self._transform(raw)
+        if self.backend == "faiss":
+            self.index_ = self._built_index(features)
         self.layer_ = self._layer
         self.n_classes_ = n_classes
         self.raw_feature_dim_ = dim
         self.reference_labels_ = labels
         self.reference_predictions_ = logits.argmax(1)
-        self.reference_features_ = self._transform(raw)
+        self.reference_features_ = features
         self.input_shape_ = tuple(x.shape[1:])
+        self.__dict__.pop("_device_indexes", None)  # GPU copies of a previous fit's index
 
     # ------------------------------------------------------------------------------------------------
     # public queries
@@ -192,31 +244,41 @@ class KNNScore(Detector):
         return parts["score"], parts["tie_break"]
 
     def score_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`score` differentiable in ``x``, for ``weighting="distance"`` (DW-kNN).
+        """(N,) float64 score of raw ``x`` differentiable in x, for detector-aware attacks (issue 14).
 
-        The k neighbours are the exact search's (a discrete choice, constant near almost every x); their
-        distances, the weights ``1/d_i^2`` and eq. 2 are recomputed with the graph back to ``x`` through the
-        model. With uniform or rank weights eq. 2 is piecewise constant in x (a gradient of zero almost
-        everywhere): NotImplementedError.
+        ``weighting="distance"`` (DW-kNN): :meth:`score` itself. The k neighbours are the exact search's (a
+        discrete choice, constant near almost every x); their distances, the weights ``1/d_i^2`` and eq. 2
+        are recomputed with the graph back to ``x`` through the model.
+
+        ``"uniform"`` and ``"rank"``: eq. 2 is piecewise constant in x (a zero gradient almost everywhere),
+        so this is a surrogate, :func:`~xaiadv.plugins.surrogates.soft_knn_vote` over the ``min(2k, N)``
+        nearest references (the search's), ``1 - s~(x, f(x))``: its value is the surrogate's, not the
+        score's, and tends to :meth:`score` as ``temperature`` -> 0 (equal once the temperature is small
+        beside the gap between the k-th and (k+1)-th neighbour distance).
         """
-        if self.weighting != "distance":
-            raise NotImplementedError(
-                f"KNNScore with weighting={self.weighting!r} has no useful gradient: eq. 2 with uniform or "
-                f"rank weights is piecewise constant in x; use weighting='distance' (DW-kNN)"
-            )
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
         with self.classifier.evaluating():
             logits, raw = self._forward(x, differentiable=True)
         features = self._transform(raw)
+        n_references = self.reference_features_.shape[0]
+        surrogate = self.weighting != "distance"
         with torch.no_grad():
-            indices = self._search(features.detach().float(), False)[1]
+            count = min(2 * self.k, n_references) if surrogate else self.k
+            indices = self._search(features.detach().float(), False, count)[1]
         difference = features[:, None, :].double() - self.reference_features_.to(x.device)[indices].double()
-        weights = self._weights((difference * difference).sum(-1))
         labels = self.reference_labels_.to(x.device)[indices]
+        predicted = logits.detach().argmax(1)
+        if surrogate:
+            distances = torch.linalg.vector_norm(difference, dim=-1)  # its gradient at 0 is 0, not NaN
+            votes = soft_knn_vote(
+                distances, labels, predicted, k=self.k, weighting=self.weighting, temperature=self.temperature
+            )
+            return 1.0 - votes
+        weights = self._weights((difference * difference).sum(-1))
         scores = torch.zeros(x.shape[0], self.n_classes_, dtype=torch.float64, device=x.device)
         scores = (scores.scatter_add(1, labels, weights) / weights.sum(1, keepdim=True)).float()
-        return (1.0 - scores.gather(1, logits.detach().argmax(1, keepdim=True))[:, 0]).double()
+        return (1.0 - scores.gather(1, predicted[:, None])[:, 0]).double()
 
     def score_references(self) -> torch.Tensor:
         """(N,) float64 leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the rest (eq. 2).
@@ -251,6 +313,8 @@ class KNNScore(Detector):
         if self.preprocess == "pca":
             arrays["pca_mean"] = self.pca_mean_.cpu().numpy()
             arrays["pca_projection"] = self.pca_projection_.cpu().numpy()
+        if self.backend == "faiss":  # faiss' own format, as bytes: no pickle
+            arrays["faiss_index"] = _faiss().serialize_index(self.index_)
         fitted = {
             "layer": self.layer_,
             "n_classes": self.n_classes_,
@@ -290,6 +354,24 @@ class KNNScore(Detector):
         self.reference_predictions_ = tensor("reference_predictions", torch.long)
         self.reference_features_ = tensor("reference_features", torch.float32)
         self.input_shape_ = input_shape
+        self.__dict__.pop("_device_indexes", None)
+        if self.backend == "faiss":
+            self.index_ = self._restored_index(arrays.get("faiss_index"))
+
+    def _restored_index(self, serialized: np.ndarray | None) -> Any:
+        """The saved faiss index, checked against the references; a state saved without one (the torch
+        backend's, or older): the index built and trained on the references as :meth:`fit` does."""
+        if serialized is None:
+            return self._built_index(self.reference_features_)
+        index = _faiss().deserialize_index(np.ascontiguousarray(serialized, dtype=np.uint8))
+        n, dim = self.reference_features_.shape
+        if (index.ntotal, index.d) != (n, dim):
+            raise ValueError(
+                f"the state's faiss index holds {index.ntotal} vectors of {index.d} dimensions; its "
+                f"references are {n} of {dim}: it belongs to another fit"
+            )
+        self._set_search_parameters(index)
+        return index
 
     # ------------------------------------------------------------------------------------------------
     # internals
@@ -370,9 +452,13 @@ class KNNScore(Detector):
         ratio = nearest / torch.where(squared == 0, torch.ones_like(squared), squared)
         return torch.where(exact, (squared == 0).double(), ratio)
 
-    def _search(self, queries: torch.Tensor, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest references of ``queries`` (N, D): (squared distances float64, indices)."""
-        k = self.k
+    def _search(
+        self, queries: torch.Tensor, exclude_self: bool, k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k (default ``self.k``) nearest references of ``queries`` (N, D): (squared distances float64,
+        indices). Exact, or with an approximate faiss index its candidates re-ranked exactly (module
+        docstring)."""
+        k = self.k if k is None else k
         references = self.reference_features_.to(queries.device)
         n_references, dim = references.shape
         n = queries.shape[0]
@@ -380,23 +466,31 @@ class KNNScore(Detector):
         out_indices = torch.empty(n, k, dtype=torch.long, device=queries.device)
         if n == 0:
             return out_squared, out_indices
-        largest_norm = float((references * references).sum(1).max().sqrt())
+        exact_index = self.backend == "torch" or isinstance(self.index_, _faiss().IndexFlat)
+        if exact_index:
+            largest_norm = float((references * references).sum(1).max().sqrt())
         candidates_of = self._candidate_search(references)
         n_candidates = min(n_references, 2 * k + 16)
         for start in range(0, n, self.chunk_size):
             query = queries[start : start + self.chunk_size]
             own = start + torch.arange(query.shape[0], device=queries.device) if exclude_self else None
             candidate_values, candidates = candidates_of(query, n_candidates, own)
+            missing = candidates < 0  # an approximate index found fewer than asked for
+            candidates = candidates.clamp(min=0)
             exact = _exact_squared(query, references, candidates)
+            exact[missing] = math.inf
             if own is not None:
                 exact[candidates == own[:, None]] = math.inf
             squared, indices = _k_smallest(exact, candidates, k)
-            # A reference outside the candidates is at least (largest candidate value - rounding bound) away.
-            query_norms = (query * query).sum(1).sqrt()
-            rounding = (2 * dim + 8) * _FLOAT32_EPS * (query_norms + largest_norm) ** 2
-            unsure = candidate_values.max(1).values - rounding <= squared[:, -1]
-            if candidates.shape[1] == n_references:
-                unsure[:] = False
+            if exact_index:
+                # A reference outside the candidates is at least (largest candidate value - rounding) away.
+                query_norms = (query * query).sum(1).sqrt()
+                rounding = (2 * dim + 8) * _FLOAT32_EPS * (query_norms + largest_norm) ** 2
+                unsure = candidate_values.max(1).values - rounding <= squared[:, -1]
+                if candidates.shape[1] == n_references:
+                    unsure[:] = False
+            else:  # fewer than k candidates: searched exactly
+                unsure = ~torch.isfinite(squared[:, -1])
             if bool(unsure.any()):  # near ties at the k-th neighbour: the same search in float64, batched
                 unsure_rows = unsure.nonzero()[:, 0]
                 unsure_own = None if own is None else own[unsure_rows]
@@ -417,8 +511,7 @@ class KNNScore(Detector):
         with those distances; float32 rounding is accounted for by the caller.
         """
         if self.backend == "faiss":
-            index = _faiss().IndexFlatL2(references.shape[1])
-            index.add(np.ascontiguousarray(references.detach().cpu().numpy(), dtype=np.float32))
+            index = self._device_index(references.device)
 
             def faiss_candidates(
                 query: torch.Tensor, m: int, own: torch.Tensor | None
@@ -442,6 +535,76 @@ class KNNScore(Detector):
             return approximate.topk(m, dim=1, largest=False, sorted=False)
 
         return torch_candidates
+
+    # ------------------------------------------------------------------------------------------------
+    # the faiss index
+
+    def _new_index(self, dim: int, n: int) -> Any:
+        """An empty faiss index of ``self.index`` for ``dim``-wide features, with the search parameters
+        set; checked (a bad factory string, more inverted lists than the ``n`` references to train them
+        on, a parameter the index has not): a ValueError naming the argument."""
+        faiss = _faiss()
+        try:
+            index = faiss.index_factory(dim, self.index, faiss.METRIC_L2)
+        except RuntimeError as error:
+            raise ValueError(
+                f"index={self.index!r} is not a faiss index factory string for {dim}-dimensional "
+                f"features: {_faiss_reason(error)}"
+            ) from None
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and ivf.nlist > n:
+            raise ValueError(
+                f"index={self.index!r} has {ivf.nlist} inverted lists but there are {n} references to "
+                f"train them on: use fewer lists (e.g. 'IVF{max(1, n // 39)},Flat') or more references"
+            )
+        self._set_search_parameters(index)
+        return index
+
+    def _set_search_parameters(self, index: Any) -> None:
+        space = _faiss().ParameterSpace()
+        for name, faiss_name, value in (
+            ("nprobe", "nprobe", self.nprobe),
+            ("ef_search", "efSearch", self.ef_search),
+        ):
+            if value is None:
+                continue
+            try:
+                space.set_index_parameter(index, faiss_name, value)
+            except RuntimeError:
+                raise ValueError(
+                    f"{name}={value} does not apply to index={self.index!r} (nprobe: IVF indexes; "
+                    f"ef_search: HNSW indexes)"
+                ) from None
+
+    def _built_index(self, features: torch.Tensor) -> Any:
+        """The faiss index of ``features`` (N, D), trained on them (IVF's k-means seeded by faiss' fixed
+        default; HNSW's graph built on one thread, so the same references give the same index)."""
+        data = np.ascontiguousarray(features.detach().cpu().numpy(), dtype=np.float32)
+        index = self._new_index(data.shape[1], data.shape[0])
+        try:
+            index.train(data)
+        except RuntimeError as error:
+            raise ValueError(f"index={self.index!r} could not be trained: {_faiss_reason(error)}") from None
+        with _faiss_threads(1 if "HNSW" in self.index else None):
+            index.add(data)
+        return index
+
+    def _device_index(self, device: torch.device) -> Any:
+        """``index_`` on ``device``: a copy on that GPU when faiss has its GPU build there, kept for the
+        next search; else the CPU index (faiss' GPU build takes no HNSW index, say)."""
+        faiss = _faiss()
+        if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            return self.index_
+        cache = self.__dict__.setdefault("_device_indexes", {})
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in cache:
+            try:
+                resources = faiss.StandardGpuResources()
+                cache[key] = (resources, faiss.index_cpu_to_gpu(resources, key, self.index_))
+            except RuntimeError as error:
+                logger.info("faiss index %r stays on the CPU: %s", self.index, _faiss_reason(error))
+                cache[key] = (None, self.index_)
+        return cache[key][1]
 
 
 def _float64_search(
@@ -530,6 +693,49 @@ def _fit_whitening(raw: torch.Tensor, n_components: int | None) -> tuple[torch.T
             "(constant or dependent features): lower n_components for preprocess='pca', or pass None"
         )
     return mean, vectors[:, :n_components] / variances[:n_components].sqrt()
+
+
+def _check_index(
+    backend: str, index: object, nprobe: object, ef_search: object
+) -> tuple[str, int | None, int | None]:
+    """The faiss parameters, checked before any work (the factory string itself is parsed at fit, when
+    the feature width is known)."""
+    if not isinstance(index, str) or not index.strip():
+        raise ValueError(
+            f"index must be a faiss index factory string such as 'Flat' or 'IVF4096,Flat'; got {index!r}"
+        )
+    if backend != "faiss" and index != EXACT_INDEX:
+        raise ValueError(
+            f"index={index!r} needs backend='faiss'; backend={backend!r} searches exactly (index='Flat')"
+        )
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None:
+            checks.positive_int(name, value)
+            if backend != "faiss":
+                raise ValueError(
+                    f"{name} needs backend='faiss' and an approximate index; got backend={backend!r}"
+                )
+    return index, nprobe, ef_search
+
+
+@contextmanager
+def _faiss_threads(count: int | None) -> Iterator[None]:
+    """faiss' OpenMP thread count set to ``count`` (None: unchanged) for the block, restored after."""
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads()
+    if count is not None:
+        faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _faiss_reason(error: RuntimeError) -> str:
+    """The reason in a faiss C++ error message, without its source location and failed condition."""
+    message = " ".join(str(error).split())
+    message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
+    return re.sub(r"^Error: '.*?' failed: ", "", message)
 
 
 def _faiss() -> ModuleType:

@@ -184,8 +184,12 @@ def test_faiss_backend_equals_torch_and_brute_force(
     rng: np.random.Generator, k: int, chunk_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     indexes = []  # proof that the faiss backend searches with faiss
-    flat_l2 = faiss.IndexFlatL2
-    monkeypatch.setattr(faiss, "IndexFlatL2", lambda dim: indexes.append(dim) or flat_l2(dim))
+    factory = faiss.index_factory
+    monkeypatch.setattr(
+        faiss,
+        "index_factory",
+        lambda dim, key, metric: indexes.append((dim, key)) or factory(dim, key, metric),
+    )
     references = rng.normal(size=(400, 8)).astype(np.float32)  # continuous: no ties
     queries = rng.normal(size=(50, 8)).astype(np.float32)
     labels = torch.from_numpy(rng.integers(0, 3, size=400))
@@ -207,7 +211,8 @@ def test_faiss_backend_equals_torch_and_brute_force(
     assert torch.equal(by_faiss.class_scores(query), by_torch.class_scores(query))
     assert torch.equal(by_faiss.score(query), by_torch.score(query))
     assert torch.equal(by_faiss.score_references(), by_torch.score_references())
-    assert indexes and set(indexes) == {8}
+    assert indexes and set(indexes) == {(8, "Flat")}
+    assert isinstance(by_faiss.index_, faiss.IndexFlat) and by_faiss.index_.ntotal == 400
 
 
 def test_faiss_backend_on_digits_features(digits, digits_cnn: nn.Module) -> None:
