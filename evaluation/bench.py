@@ -15,7 +15,6 @@ their fitting time on 60,000 images.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import multiprocessing
 import statistics
@@ -258,8 +257,9 @@ def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) ->
         "LRPSignature.score": lambda: detectors["LRPSignature"].score(batch),
     }
     if importlib.util.find_spec("faiss") is not None:  # the same fitted references, searched by faiss
-        faiss_knn = copy.copy(detectors["KNNScore"])
-        faiss_knn.backend = "faiss"
+        arrays, state = detectors["KNNScore"].get_state()
+        state["config"]["backend"] = "faiss"  # from_state builds the (flat) faiss index of those references
+        faiss_knn = KNNScore.from_state(model, arrays, state)
         forward_runners[f"KNNScore.score, faiss backend ({len(x_ref)} references)"] = lambda: faiss_knn.score(
             batch
         )
