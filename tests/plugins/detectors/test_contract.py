@@ -53,7 +53,7 @@ ART_CASES: dict[str, Callable[[PyTorchClassifier], Any]] = {
         classifier, n_components=1, covariance_type="diag"
     ),
 }
-DIFFERENTIABLE = {"IDefender", "KNNScore-distance", "LRPSignature", "SpatialEntropy"}
+DIFFERENTIABLE = {"IDefender", "KNNScore", "KNNScore-distance", "LRPSignature", "SpatialEntropy"}
 FPR = 0.1
 
 
