@@ -343,7 +343,7 @@ def test_list_groups_names_by_kind_and_source(capsys: pytest.CaptureFixture[str]
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     headings = [line for line in out.splitlines() if line and not line.startswith("  ")]
-    assert headings[0] == "attacks from xaiadv (5):"
+    assert headings[0] == "attacks from xaiadv (6):"  # the LRP family, IFGSM+noise, DetectorAwarePGD
     assert [h.split(" (")[0] for h in headings] == [
         "attacks from xaiadv",
         "attacks from art",
