@@ -172,6 +172,9 @@ class PendingCell(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._cell())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a pending cell stays on the driver; read it (which waits for it) to ship its record")
+
 
 @dataclass(frozen=True)
 class _RunState:
@@ -259,7 +262,9 @@ class RayExecutor(Executor):
         if self._bundle is None:
             raise RuntimeError("RayExecutor.prepare(run) puts the run's data and model before any task")
         root = str(run.directory.root.resolve())
-        state = _RunState(run.config, root, run.base_key, run.attacks, self._bundle)
+        # while the attack cells are submitted, the earlier ones are still pending: no attack cell reads them
+        attacks = {label: cell for label, cell in run.attacks.items() if not isinstance(cell, PendingCell)}
+        state = _RunState(run.config, root, run.base_key, attacks, self._bundle)
         return _worker_run, (state,)
 
     def close(self) -> None:

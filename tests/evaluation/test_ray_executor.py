@@ -132,7 +132,7 @@ def test_bad_executor_tables_name_the_key(tmp_path: Path, table: str, match: str
 def test_ray_gives_the_local_executor_s_results(local_ray: None, tmp_path: Path) -> None:
     config = tiny(tmp_path, "local")
     local = run_evaluation(config)
-    remote = run_evaluation(on_ray(config, tmp_path / "ray"))
+    remote = run_evaluation(on_ray(config, tmp_path / "ray"), progress=True)  # tqdm bars stay on the driver
     assert remote.results["complete"] is True
     assert figures(remote.results) == figures(local.results)
     assert list(remote.results["attacks"]) == ["PGD", "LRP-grad"]  # the config's order, not arrival's
