@@ -30,6 +30,9 @@ from .checks import check_inputs, check_labels
 from .model import Classifier
 
 NORMS = (math.inf, 2.0)
+#: Score units pushed past the threshold for a detector that splits ties at it by a second score (the
+#: kNN's): a sample tied with the threshold may be flagged, so only a score strictly below counts as accepted.
+_TIE_SLACK = 1e-9
 
 
 @runtime_checkable
@@ -159,10 +162,12 @@ def loss_gradient(
     score = detector.score_torch(z)
     threshold = thresholds(detector, logits.detach().argmax(1)).to(score.dtype)
     margin = _margin(logits, labels).clamp(min=-config.kappa)
-    excess = (score - threshold + config.delta).clamp(min=0.0)
+    splits_ties = getattr(detector, "tie_break_threshold_", None) is not None
+    excess = (score - threshold + config.delta + (_TIE_SLACK if splits_ties else 0.0)).clamp(min=0.0)
     loss = (margin + weight.to(margin.dtype) * excess).sum()
     (gradient,) = torch.autograd.grad(loss, z)
-    done = (logits.detach().argmax(1) != labels) & (score.detach() <= threshold)
+    accepted = score.detach() < threshold if splits_ties else score.detach() <= threshold
+    done = (logits.detach().argmax(1) != labels) & accepted
     return gradient, done
 
 

@@ -24,7 +24,8 @@ saved with the detector as faiss' own serialization, a uint8 array beside the re
 
 Differentiable score (issue 14): eq. 2 with uniform or rank weights is piecewise constant in x.
 :meth:`KNNScore.score_torch` is then the soft-kNN surrogate
-(:func:`~xaiadv.plugins.surrogates.soft_knn_vote`) over the 2k nearest references: each weighted by
+(:func:`~xaiadv.plugins.surrogates.soft_knn_vote`) over the 2k nearest references and the k nearest of the
+predicted class (the references an attack must pull the features toward): each weighted by
 ``sigmoid((tau - d_i) / temperature)``, tau halfway between the k-th and (k+1)-th distance, so that it
 equals :meth:`KNNScore.score` as the temperature -> 0. DW-kNN's weights ``1/d_i^2`` are differentiable:
 its ``score_torch`` is the score itself.
@@ -252,9 +253,14 @@ class KNNScore(Detector):
 
         ``"uniform"`` and ``"rank"``: eq. 2 is piecewise constant in x (a zero gradient almost everywhere),
         so the gradient is a surrogate's (BPDA, Athalye et al. 2018): the value is :meth:`score` exactly,
-        the backward pass that of :func:`~xaiadv.plugins.surrogates.soft_knn_vote` over the ``min(2k, N)``
-        nearest references (the search's), ``1 - s~(x, f(x))`` at ``temperature``. (The surrogate's own value
-        still differed from the score by up to 0.048 at temperature 1e-5 on digits: not yet explained.)
+        the backward pass that of :func:`~xaiadv.plugins.surrogates.soft_knn_vote`, ``1 - s~(x, f(x))`` at
+        ``temperature``, over the ``min(2k, N)`` nearest references (the search's) and the k nearest
+        references of the predicted class. Why the latter: an adversarial example's neighbourhood often holds
+        no reference of the class it is predicted as, and a vote over those candidates alone is then 0 with a
+        zero gradient; the predicted class's nearest references, outside the neighbourhood, are what the
+        gradient pulls the features toward (issue 14). The surrogate's own value equals the score as the
+        temperature -> 0 except where the k-th and (k+1)-th distances are closer than the temperature
+        (near-duplicate references: on digits gaps down to 2e-7), which share the k-th vote between them.
         """
         self._check_fitted()
         check_batch(x, input_shape=self.input_shape_)
@@ -263,16 +269,25 @@ class KNNScore(Detector):
         features = self._transform(raw)
         n_references = self.reference_features_.shape[0]
         surrogate = self.weighting != "distance"
+        predicted = logits.detach().argmax(1)
         with torch.no_grad():
             count = min(2 * self.k, n_references) if surrogate else self.k
             indices = self._search(features.detach().float(), False, count)[1]
+            if surrogate:
+                indices, repeated = self._with_class_candidates(features.detach().float(), predicted, indices)
         difference = features[:, None, :].double() - self.reference_features_.to(x.device)[indices].double()
         labels = self.reference_labels_.to(x.device)[indices]
-        predicted = logits.detach().argmax(1)
         if surrogate:
             distances = torch.linalg.vector_norm(difference, dim=-1)  # its gradient at 0 is 0, not NaN
+            distances = torch.where(repeated, math.inf, distances)  # a candidate counted once
+            order = distances.detach().sort(dim=1, stable=True).indices
             votes = soft_knn_vote(
-                distances, labels, predicted, k=self.k, weighting=self.weighting, temperature=self.temperature
+                distances.gather(1, order),
+                labels.gather(1, order),
+                predicted,
+                k=self.k,
+                weighting=self.weighting,
+                temperature=self.temperature,
             )
             with torch.no_grad():  # BPDA: the exact score forward, the surrogate's gradient backward
                 classes = self._class_scores(self._transform(raw.detach()))[0]
@@ -283,6 +298,30 @@ class KNNScore(Detector):
         scores = torch.zeros(x.shape[0], self.n_classes_, dtype=torch.float64, device=x.device)
         scores = (scores.scatter_add(1, labels, weights) / weights.sum(1, keepdim=True)).float()
         return (1.0 - scores.gather(1, predicted[:, None])[:, 0]).double()
+
+    def _with_class_candidates(
+        self, features: torch.Tensor, classes: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``indices`` (N, M) followed by the k nearest references of each row's class in ``classes`` (N,),
+        and a mask (N, M + k) of the entries that repeat an earlier one (or pad a class with fewer than k
+        references), to be given an infinite distance. Exact float32 search within each class."""
+        references = self.reference_features_.to(features.device)
+        labels = self.reference_labels_.to(features.device)
+        extra = torch.zeros(features.shape[0], self.k, dtype=torch.long, device=features.device)
+        padded = torch.ones_like(extra, dtype=torch.bool)
+        for label in classes.unique().tolist():
+            rows = (classes == label).nonzero()[:, 0]
+            members = (labels == label).nonzero()[:, 0]
+            count = min(self.k, len(members))
+            if count == 0:
+                continue
+            squared = torch.cdist(features[rows], references[members]).square()
+            nearest = squared.topk(count, dim=1, largest=False).indices
+            extra[rows[:, None], torch.arange(count, device=extra.device)] = members[nearest]
+            padded[rows, :count] = False
+        combined = torch.cat([indices, extra], 1)
+        seen = (extra[:, :, None] == indices[:, None, :]).any(2) | padded
+        return combined, torch.cat([torch.zeros_like(indices, dtype=torch.bool), seen], 1)
 
     def score_references(self) -> torch.Tensor:
         """(N,) float64 leave-one-out score of each reference: ``1 - s(r_i, f(r_i))`` among the rest (eq. 2).
