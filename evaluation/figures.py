@@ -306,6 +306,42 @@ def plot_embedding_attacks(
     return _save(figure, target)
 
 
+def plot_value_grids(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    grids: Mapping[str, Sequence[Sequence[float | None]]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str = "",
+) -> Path:
+    """Annotated grids side by side on one [0, 1] scale, one per entry of ``grids`` (its title -> a value
+    per row and column, None for n/a, left blank): e.g. the retraining study's cross tables, models by
+    attacks (fresh ASR, transferred accuracy)."""
+    target = _png_path(path)
+    if not rows or not columns or not isinstance(grids, Mapping) or not grids:
+        raise ValueError("rows, columns and grids must be non-empty (grids: title -> values per row)")
+    checked = {}
+    for title, values in grids.items():
+        series = [_series(row, f"grids[{title!r}] row") for row in values]
+        if len(series) != len(rows) or any(row.size != len(columns) for row in series):
+            raise ValueError(f"grids[{title!r}] must hold {len(rows)} rows of {len(columns)} values each")
+        grid = np.array(series)
+        if ((grid < 0) | (grid > 1)).any():  # NaN compares False: n/a passes
+            raise ValueError(f"grids[{title!r}] must hold values in [0, 1] (or None)")
+        checked[title] = grid
+    figure = _figure((0.5 + (2.0 + 1.1 * len(columns)) * len(checked), 1.2 + 0.55 * len(rows)))
+    panels = figure.subplots(1, len(checked), squeeze=False)[0]
+    for axes, (title, grid) in zip(panels, checked.items(), strict=True):
+        axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                axes.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+        axes.set_xticks(range(len(columns)), list(columns), rotation=30, ha="right")
+        axes.set_yticks(range(len(rows)), list(rows))
+        axes.set(title=title, xlabel=xlabel)
+    return _save(figure, target)
+
+
 # --------------------------------------------------------------------------------------------------
 # validation
 

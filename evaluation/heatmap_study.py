@@ -108,10 +108,7 @@ class HeatmapStudy(Study):
 
     def check(self, config: RunConfig) -> None:
         check_attack_labels("attacks", self.attacks, config)
-        for dataset in (config.dataset, config.fallback):
-            values = None if dataset is None else int(np.prod(dataset_input_shape(dataset)))
-            if values is not None and self.k > values:
-                raise ValueError(f"k: {self.k} is more than the {values} values of a {dataset} image")
+        check_top_k(self.k, config)
 
     def cell_count(self, config: RunConfig) -> int:
         return len(chosen_attacks(self.attacks, config))
@@ -137,6 +134,15 @@ class HeatmapStudy(Study):
                 lambda label=label: run_heatmap_cell(self, run, label),
                 about={"name": "xaiadv:HeatmapStudy", "attack": run.attacks[label]["name"]},
             )
+
+
+def check_top_k(k: int, config: RunConfig) -> None:
+    """ValueError naming ``k`` when the top-k overlap's k exceeds the values of one image of the run's data
+    set or of its fallback (checked with the config, before any cell)."""
+    for dataset in (config.dataset, config.fallback):
+        values = None if dataset is None else int(np.prod(dataset_input_shape(dataset)))
+        if values is not None and k > values:
+            raise ValueError(f"k: {k} is more than the {values} values of a {dataset} image")
 
 
 def _nothing_to_explain(run: Run, labels: list[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

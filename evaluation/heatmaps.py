@@ -36,6 +36,8 @@ from .figures import _figure, _png_path, _save, _show_image
 
 #: The seeds' heatmap colours: red for positive relevance, blue for negative, white at zero.
 COLORMAP = "bwr"
+#: The figure's panels: each image, then its heatmaps for the original and for the adversarial class.
+COLUMNS = ("clean", "R clean, orig.", "R clean, adv.", "adversarial", "R adv., orig.", "R adv., adv.")
 
 
 @dataclass(frozen=True)
@@ -133,16 +135,23 @@ def plot_heatmaps(
     heatmaps: Heatmaps,
     titles: list[str],
     path: str | os.PathLike[str],
+    *,
+    columns: tuple[str, str, str, str, str, str] = COLUMNS,
 ) -> Path:
     """One row per sample: clean image, its heatmaps for the original and the adversarial class, the
-    adversarial image and its two heatmaps; ``titles`` name each row (e.g. "Coat -> Shirt")."""
+    adversarial image and its two heatmaps; ``titles`` name each row (e.g. "Coat -> Shirt").
+
+    ``columns``: the six panels' titles, for another reading of the four maps (the retraining study draws
+    the clear and the immune model's heatmap of each image, for the original class).
+    """
     target = _png_path(path)
     n = len(x)
     if not n or len(x_adv) != n or len(titles) != n or len(heatmaps.clean_original) != n:
         raise ValueError(f"x, x_adv, heatmaps and titles must hold the same n > 0 samples; got {n}")
+    if len(columns) != 6:
+        raise ValueError(f"columns must title the six panels of a row; got {len(columns)}")
     figure = _figure((12.0, 2.1 * n))
     grid = figure.subplots(n, 6, squeeze=False)
-    columns = ("clean", "R clean, orig.", "R clean, adv.", "adversarial", "R adv., orig.", "R adv., adv.")
     for row in range(n):
         maps = [getattr(heatmaps, name)[row] for name in Heatmaps.__dataclass_fields__]
         scale = max(float(np.abs(m).max()) for m in maps) or 1.0

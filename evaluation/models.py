@@ -49,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "TrainedModel",
     "build_model",
+    "craft_adversarial",
     "dataset_input_shape",
     "default_cache_dir",
     "import_factory",
@@ -734,3 +735,36 @@ def _load_retrained(stem: Path, model: nn.Module, base_digest: str, retraining: 
         model.load_state_dict(safetensors.torch.load(blob), strict=True)
     except Exception as e:  # safetensors' own error type, or load_state_dict's RuntimeError
         raise ValueError(f"{weights}: weights do not fit the clear model ({e}); {advice}") from e
+
+
+def craft_adversarial(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    attack: str,
+    params: Mapping[str, Any],
+    bounds: tuple[float, float] = (0.0, 1.0),
+    batch_size: int = 128,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``attack`` (a registry name with ``params``) against ``model`` on raw ``x`` (N, C, H, W) with labels
+    ``y`` (N,), ``batch_size`` images at a time on ``device`` (default CPU): the adversarial images (N, C, H,
+    W), float32 on CPU.
+
+    How the retraining study attacks its training images with the clear model and the transfer study crafts
+    its examples on the substitute.
+    """
+    from xaiadv.bridge.registry import build_attack  # the bridge imports the attack libraries: on use
+
+    _check_positive_int("batch_size", batch_size)
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels, one per sample of x; got {len(y)}")
+    device = device or torch.device("cpu")
+    built = build_attack(attack, model=model, bounds=bounds, **params)
+    return torch.cat(
+        [
+            built(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).detach().float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
+    )

@@ -13,13 +13,16 @@ rows), and with ``ratio = 1`` trains on exactly the protocol's set.
 Then, per immune model: its accuracy on the clean sample, on each attack's adversarial test set made
 against the clear model (transferred; "recovered": over the examples that fooled the clear model), and
 the ASR of a fresh attack on it (thesis Table 4.4's ASR row); over attacks A and B, the cross table no seed
-has: immune to A, attacked by B. Retrained models are cached like the reference models
+has: immune to A, attacked by B; and seed 001's Fig. 3c/3e: the immune model's LRP heatmaps of the images its
+attack fooled the clear model with, beside the clear model's, with the heatmap study's numbers (Spearman,
+top-k overlap) for both. Retrained models are cached like the reference models
 (:func:`~xaiadv.evaluation.models.load_or_retrain`), in a folder of their own.
 
 :func:`adversarial_examples`, :func:`retraining_set` and :func:`adversarial_retrain` are the typed library
 functions; :class:`RetrainingStudy` (``xaiadv:RetrainingStudy``) runs them as resumable cells: per attack
 its training images (kind ``retraining_set``), the clear model's evaluation and each immune model (kind
-``immune_model``), then each fresh attack on each immune model (kind ``reattack``).
+``immune_model``), its heatmaps beside the clear model's (kind ``retrained_heatmap``), then each fresh attack
+on each immune model (kind ``reattack``).
 """
 
 from __future__ import annotations
@@ -30,19 +33,21 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from xaiadv.bridge.registry import art_classifier, build_attack
+from xaiadv.bridge.registry import art_classifier
 from xaiadv.plugins import checks
+from xaiadv.plugins.relevance import DEFAULT_COMPOSITE, check_composite
 
 from . import attack_study
 from .attack_study import Sample, predict, softmax
-from .models import load_or_retrain
+from .heatmap_study import NUMBERS, check_top_k, explain_attack
+from .heatmaps import Heatmaps, plot_heatmaps
+from .models import craft_adversarial, load_or_retrain
 from .rundir import to_json
 from .studies import Study, attack_labels, check_attack_labels, chosen_attacks, studies
 
@@ -59,6 +64,14 @@ PROTOCOLS = ("supplement", "transfer")
 DEFAULT_LR = {"supplement": 1e-3, "transfer": 1e-4}
 #: The label of the clear model's ``immune_model`` cell (an attack may not take it).
 CLEAR = "clear model"
+#: The study's fields that only shape the retrained heatmaps (not part of an immune model's cell key).
+HEATMAP_FIELDS = ("composite", "k", "examples")
+#: The retrained heatmap figure's panels: each image, then the clear and the immune model's heatmap of it.
+HEATMAP_COLUMNS = ("clean", "R clear", "R immune", "adversarial", "R clear", "R immune")
+#: The two models a retrained heatmap cell explains the same images with.
+MODELS = ("clear", "immune")
+#: The saved example heatmaps (original class) in the order the figure's four map panels draw them.
+EXAMPLE_MAPS = ("clear_clean", "immune_clean", "clear_adversarial", "immune_adversarial")
 BOUNDS = (0.0, 1.0)
 
 
@@ -79,16 +92,9 @@ def adversarial_examples(
     """``attack`` (a registry name with ``params``) against ``model`` on raw ``x`` (N, C, H, W) with true
     labels ``y`` (N,): the adversarial images (N, C, H, W) float32 and which of them fool ``model`` where it
     classified the clean image correctly (N,) bool: seed 001's "successfully attacked" images."""
-    checks.positive_int("batch_size", batch_size)
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels, one per sample of x; got {len(y)}")
     device = device or torch.device("cpu")
-    built = build_attack(attack, model=model, bounds=BOUNDS, **params)
-    x_adv = torch.cat(
-        [
-            built(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).detach().float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
+    x_adv = craft_adversarial(
+        model, x, y, attack=attack, params=params, bounds=BOUNDS, batch_size=batch_size, device=device
     )
     labels = y.numpy()
     clean = predict(model, x, batch_size, device).argmax(1)
@@ -254,7 +260,8 @@ class RetrainingStudy(Study):
     training images the first ``train_samples`` enter as their adversarial images, fooled or not);
     ``epochs``, ``lr`` (None: 1e-3 for supplement, 1e-4 for transfer), ``batch_size``: the retraining's Adam;
     ``attacks``: the labels of the run's attacks the immune models are made for and attacked with, all when
-    empty.
+    empty. ``composite``, ``k``, ``examples``: the retrained heatmaps (seed 001 Fig. 3c/3e): the LRP
+    composite, the top-k of the overlap, the samples drawn per immune model in the report's figure.
     """
 
     protocol: str = "supplement"
@@ -264,11 +271,15 @@ class RetrainingStudy(Study):
     epochs: int = 2
     lr: float | None = None
     batch_size: int = 128
+    composite: str = DEFAULT_COMPOSITE
+    k: int = 16
+    examples: int = 3
 
     def __post_init__(self) -> None:
         checks.one_of("protocol", self.protocol, PROTOCOLS)
+        check_composite(self.composite)
         object.__setattr__(self, "attacks", attack_labels("attacks", self.attacks))
-        for name in ("train_samples", "clean_samples", "epochs", "batch_size"):
+        for name in ("train_samples", "clean_samples", "epochs", "batch_size", "k", "examples"):
             checks.positive_int(name, getattr(self, name))
         if self.train_samples > self.clean_samples:
             raise ValueError(
@@ -285,16 +296,20 @@ class RetrainingStudy(Study):
 
     def check(self, config: RunConfig) -> None:
         check_attack_labels("attacks", self.attacks, config)
+        check_top_k(self.k, config)
         if CLEAR in (spec.label for spec in config.attacks):
             raise ValueError(f"attacks: the label {CLEAR!r} names the clear model's row; rename that attack")
 
     def cell_count(self, config: RunConfig) -> int:
         n = len(chosen_attacks(self.attacks, config))
-        return 1 + 2 * n + n * n
+        return 1 + 3 * n + n * n
 
     def run(self, run: Run) -> None:
         labels = chosen_attacks(self.attacks, run.config)
-        parameters = dataclasses.asdict(self)
+        parameters = {
+            name: value for name, value in dataclasses.asdict(self).items() if name not in HEATMAP_FIELDS
+        }
+        heatmap_parameters = {name: getattr(self, name) for name in HEATMAP_FIELDS}
         specs = {spec.label: spec for spec in run.config.attacks}
         test_keys = {label: run.attacks[label]["key"] for label in labels}
         sets = {}
@@ -325,6 +340,14 @@ class RetrainingStudy(Study):
             )
             if immune["status"] != "done":
                 continue
+            if run.attacks[label]["status"] == "done":
+                run.cell(
+                    "retrained_heatmap",
+                    label,
+                    run.key(immune["key"], run.attacks[label]["key"], heatmap_parameters),
+                    lambda label=label: run_retrained_heatmap_cell(self, run, label),
+                    about={"name": "xaiadv:RetrainingStudy", "attack": specs[label].name},
+                )
             for attack in labels:
                 run.cell(
                     "reattack",
@@ -496,13 +519,89 @@ def run_reattack_cell(
     return record, arrays
 
 
+def run_retrained_heatmap_cell(
+    study: RetrainingStudy, run: Run, label: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Seed 001 Fig. 3c/3e in numbers: over the samples ``label``'s attack fooled the clear model with (its
+    adversarial test set, transferred to the immune model), the heatmap study's numbers
+    (:func:`~xaiadv.evaluation.heatmap_study.explain_attack`: Spearman of the clean vs the adversarial
+    heatmap for the original class, top-k overlap, relevance share on the perturbed values) for the clear
+    and for the immune model, and a few samples' heatmaps of both for the figure."""
+    model, _ = _immune_model(study, run, label)
+    arrays = run.directory.load_arrays("attack", label)
+    index = np.flatnonzero(arrays["successful"])
+    record: dict[str, Any] = {
+        "kind": "retrained_heatmap",
+        "label": label,
+        "attack": run.attacks[label]["name"],
+        "status": "done",
+        "composite": study.composite,
+        "k": study.k,
+        "n": len(index),
+    }
+    if not len(index):
+        empty = {name: {"mean": None, "median": None, "n": 0} for name in NUMBERS}
+        record["numbers"] = dict.fromkeys(MODELS, empty)
+        reason = "the attack fooled the clear model on no sample"
+        undefined = {f"{model} {name}": reason for model in MODELS for name in NUMBERS}
+        return {**record, "undefined": undefined}, {}
+    rows = torch.as_tensor(index)
+    x, x_adv = run.sample.x[rows], torch.as_tensor(arrays["x_adv"][index])
+    original, adversarial = run.sample.y[rows], torch.as_tensor(arrays["adversarial_prediction"][index])
+    explanations = {
+        name: explain_attack(
+            explained,
+            x.to(run.device),
+            x_adv.to(run.device),
+            original.to(run.device),
+            adversarial.to(run.device),
+            composite=study.composite,
+            k=study.k,
+            batch_size=run.config.batch_size,
+        )
+        for name, explained in zip(MODELS, (run.model, model), strict=True)
+    }
+    record["numbers"], record["undefined"] = {}, {}
+    for name, explanation in explanations.items():
+        record["numbers"][name], undefined = explanation.summary()
+        record["undefined"].update({f"{name} {number}": reason for number, reason in undefined.items()})
+    shown = slice(0, study.examples)
+    names = run.data.classes
+    titles = [
+        f"{names[a]} -> {names[b]}"
+        for a, b in zip(original[shown].tolist(), adversarial[shown].tolist(), strict=True)
+    ]
+    clear, immune = (explanations[name].heatmaps for name in MODELS)
+    return record, {
+        "index": index,
+        **{f"{name}_spearman": e.numbers["spearman"] for name, e in explanations.items()},
+        "example_x": x[shown].numpy(),
+        "example_x_adv": x_adv[shown].numpy(),
+        "example_titles": np.array(titles, dtype=np.str_),
+        **{
+            f"example_{name}": maps[shown].astype(np.float32)
+            for name, maps in zip(
+                EXAMPLE_MAPS,
+                (
+                    clear.clean_original,
+                    immune.clean_original,
+                    clear.adversarial_original,
+                    immune.adversarial_original,
+                ),
+                strict=True,
+            )
+        },
+    }
+
+
 # -------------------------------------------------------------------------------------------------
 # the report's section
 
 
 def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
     """Seed 001 Table 1 / thesis Table 4.4 per immune model, the cross tables of fresh ASR and of transferred
-    accuracy (immune to A, attacked by B), and a figure of both."""
+    accuracy (immune to A, attacked by B) with a figure of both, and the retrained heatmaps (Fig. 3c/3e)."""
+    from . import figures
     from .report import fmt, table
 
     sets = results.get("retraining_sets") or {}
@@ -579,11 +678,19 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
                 ["model", *attacks], [[name, *values] for name, values in zip(names, accuracy, strict=True)]
             ),
         ]
-        path = plot_cross_tables(names, attacks, asr, accuracy, run.figures / "retraining-cross.png")
+        path = figures.plot_value_grids(
+            names,
+            attacks,
+            {"fresh ASR": asr, "transferred accuracy": accuracy},
+            run.figures / "retraining-cross.png",
+            xlabel="attacked by",
+        )
         lines += ["", f"![retraining cross tables](figures/{path.name})"]
+    heatmaps = results.get("retrained_heatmaps") or {}
+    lines += _heatmap_lines(heatmaps, run)
     failed = [
         f"- {kind} {label}: {cell['error']}"
-        for kind, cells in (("set", sets), ("model", models), ("reattack", reattacks))
+        for kind, cells in (("set", sets), ("model", models), ("reattack", reattacks), ("heatmap", heatmaps))
         for label, cell in cells.items()
         if cell["status"] != "done"
     ]
@@ -604,27 +711,56 @@ def _fresh_asr(
     return cell.get("asr") if cell.get("status") == "done" else None
 
 
-def plot_cross_tables(
-    rows: Sequence[str],
-    columns: Sequence[str],
-    asr: Sequence[Sequence[float | None]],
-    accuracy: Sequence[Sequence[float | None]],
-    path: Path,
-) -> Path:
-    """Two annotated grids side by side, rows the models, columns the attacks: the fresh ASR and the
-    transferred accuracy, both on [0, 1] (n/a cells blank)."""
-    from . import figures
+def _heatmap_lines(cells: Mapping[str, Any], run: RunDirectory) -> list[str]:
+    """Seed 001 Fig. 3c/3e: the clear and each immune model's heatmaps of the same clean and adversarial
+    images, their numbers' table and a figure per immune model."""
+    from .report import fmt, table
 
-    figure = figures._figure((4.5 + 2.2 * len(columns), 1.2 + 0.55 * len(rows)))
-    for axes, values, title in zip(
-        figure.subplots(1, 2), (asr, accuracy), ("fresh ASR", "transferred accuracy"), strict=True
-    ):
-        grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=np.float64)
-        axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        for (i, j), value in np.ndenumerate(grid):
-            if np.isfinite(value):
-                axes.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
-        axes.set_xticks(range(len(columns)), list(columns), rotation=30, ha="right")
-        axes.set_yticks(range(len(rows)), list(rows))
-        axes.set(title=f"{title} (attacked by)")
-    return figures._save(figure, path)
+    done = {label: cell for label, cell in cells.items() if cell["status"] == "done"}
+    if not done:
+        return []
+    first = next(iter(done.values()))
+    lines = [
+        "",
+        "### Heatmaps after retraining (seed 001 Fig. 3c/3e; thesis A.1.2)",
+        "",
+        f"LRP heatmaps (composite {first['composite']}) for the original class of the samples each attack "
+        "fooled the clear model with, of the clean image and of its adversarial example (made against the "
+        "clear model), by the clear and by the immune model; mean over n. Spearman: rank correlation of "
+        "the clean and the adversarial heatmap (1: the explanation survived the attack, below 0: "
+        f"reversed); top-k overlap: share of the clean heatmap's k = {first['k']} most relevant values "
+        "still among the adversarial one's.",
+        "",
+    ]
+    rows = [
+        [
+            f"immune to {label}",
+            cell["n"],
+            *(cell["numbers"][model][number]["mean"] for number in NUMBERS[:2] for model in MODELS),
+        ]
+        for label, cell in done.items()
+    ]
+    header = ("model", "n", "Spearman clear", "Spearman immune", "top-k clear", "top-k immune")
+    lines.append(table(header, rows))
+    for label, cell in done.items():
+        if not cell["n"]:
+            continue
+        arrays = run.load_arrays("retrained_heatmap", label)
+        maps = Heatmaps(*(arrays[f"example_{name}"] for name in EXAMPLE_MAPS))
+        path = plot_heatmaps(
+            arrays["example_x"],
+            arrays["example_x_adv"],
+            maps,
+            [str(title) for title in arrays["example_titles"]],
+            run.figures / f"{run.cell_path('retrained_heatmap', label).stem}.png",
+            columns=HEATMAP_COLUMNS,
+        )
+        spearman = cell["numbers"]["immune"]["spearman"]["mean"]
+        lines += [
+            "",
+            f"#### immune to {label} (Spearman {fmt(spearman)} immune, "
+            f"{fmt(cell['numbers']['clear']['spearman']['mean'])} clear)",
+            "",
+            f"![retrained heatmaps {label}](figures/{path.name})",
+        ]
+    return lines

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from xaiadv.bridge.registry import art_classifier, available_attacks, build_attack, check_attack
-from xaiadv.plugins import checks
+from xaiadv.bridge.registry import art_classifier, available_attacks, check_attack
 
 from .attack_study import predict
 from .data import class_names
 from .detector_study import CleanSplits, check_detector, detector_registry, fit_detector, separation
 from .metrics import roc_auc
-from .models import TrainConfig, build_model, dataset_input_shape, load_or_train
+from .models import TrainConfig, build_model, craft_adversarial, dataset_input_shape, load_or_train
 from .studies import Study, studies
 
 if TYPE_CHECKING:
@@ -135,16 +134,9 @@ def transfer_attack(
 
     The target is only ever asked for predictions: no gradient of it reaches the attack.
     """
-    checks.positive_int("batch_size", batch_size)
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels, one per sample of x; got {len(y)}")
     device = device or torch.device("cpu")
-    built = build_attack(attack, model=substitute, bounds=BOUNDS, **params)
-    x_adv = torch.cat(
-        [
-            built(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).detach().float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
+    x_adv = craft_adversarial(
+        substitute, x, y, attack=attack, params=params, bounds=BOUNDS, batch_size=batch_size, device=device
     )
 
     def classes(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:

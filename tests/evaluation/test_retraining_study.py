@@ -19,6 +19,7 @@ from torch import nn
 
 from xaiadv.evaluation import retraining_study
 from xaiadv.evaluation.config import ConfigError, ModelSpec, load_config
+from xaiadv.evaluation.heatmaps import explanation_heatmaps, spearman
 from xaiadv.evaluation.models import load_or_retrain, load_run_model, retrained_key
 from xaiadv.evaluation.retraining_study import (
     CLEAR,
@@ -161,9 +162,50 @@ def test_the_study_writes_table_1_the_cross_tables_and_the_figure(finished: tupl
     assert "### Fresh ASR: immune to A (rows), attacked by B (columns)" in section
     assert f"| immune to FGSM | {600 + results['retraining_sets']['FGSM']['n_fooled']} |" in section
     images = [line.split("](")[1].rstrip(")") for line in section.splitlines() if line.startswith("![")]
-    assert images == ["figures/retraining-cross.png"]
+    assert images[0] == "figures/retraining-cross.png"
     data = (result.directory / images[0]).read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_the_immune_models_heatmaps_beside_the_clear_ones(finished: tuple[RunResult, Any]) -> None:
+    result, _ = finished
+    results = strict_json(result.directory / "results.json")
+    cells = results["retrained_heatmaps"]
+    assert list(cells) == LABELS
+    sample = np.load(result.directory / "arrays" / f"sample-{slug('sample')}.npz")
+    clear = load_run_model(
+        ModelSpec(epochs=4, max_train=800), dataset="digits", folder=result.directory, device=CPU
+    ).model
+    for label, cell in cells.items():
+        attack = np.load(result.directory / "arrays" / f"attack-{slug(label)}.npz")
+        index = np.flatnonzero(attack["successful"])
+        assert cell["status"] == "done" and cell["n"] == len(index) == results["attacks"][label]["n_success"]
+        arrays = np.load(result.directory / "arrays" / f"retrained_heatmap-{slug(label)}.npz")
+        assert np.array_equal(arrays["index"], index)
+        # the oracle: the heatmap study's functions on the clear model, for the same images
+        maps = explanation_heatmaps(
+            clear,
+            torch.as_tensor(sample["x"][index]),
+            torch.as_tensor(attack["x_adv"][index]),
+            torch.as_tensor(sample["y"][index]),
+            torch.as_tensor(attack["adversarial_prediction"][index]),
+        )
+        expected = spearman(maps.clean_original, maps.adversarial_original)
+        assert np.allclose(arrays["clear_spearman"], expected, equal_nan=True)
+        found = cell["numbers"]
+        assert found["clear"]["spearman"]["mean"] == pytest.approx(np.nanmean(expected))
+        assert found["immune"]["spearman"]["mean"] == pytest.approx(np.nanmean(arrays["immune_spearman"]))
+        assert np.allclose(arrays["example_clear_clean"], maps.clean_original[:3], atol=1e-6)
+        assert np.allclose(arrays["example_clear_adversarial"], maps.adversarial_original[:3], atol=1e-6)
+        assert not np.allclose(arrays["example_immune_clean"], arrays["example_clear_clean"])
+        assert set(found["immune"]) == {"spearman", "top_k_overlap", "perturbed_share", "changed_share"}
+    section = result.report.read_text().split("### Heatmaps after retraining (seed 001 Fig. 3c/3e")[1]
+    assert "| model | n | Spearman clear | Spearman immune | top-k clear | top-k immune |" in section
+    images = [line.split("](")[1].rstrip(")") for line in section.splitlines() if line.startswith("![")]
+    assert len(images) == len(LABELS) and all("retrained_heatmap-" in image for image in images)
+    for image in images:
+        data = (result.directory / image).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
 @pytest.mark.usefixtures("finished")
@@ -216,7 +258,7 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
 ) -> None:
     calls: list[str] = []
     interrupt = {"at": reattack_label("LRP-grad", "FGSM")}
-    for name in ("run_set_cell", "run_immune_cell", "run_reattack_cell"):
+    for name in ("run_set_cell", "run_immune_cell", "run_retrained_heatmap_cell", "run_reattack_cell"):
         real = getattr(retraining_study, name)
 
         def wrapper(study: Any, run: Any, label: Any, *args: Any, real: Any = real, name: str = name) -> Any:
@@ -232,7 +274,8 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(load_config(path))
     assert trainer_calls == []  # the immune models came from the cache the first run filled
-    assert calls[-1] == "run_reattack_cell:LRP-grad / FGSM" and len(calls) == 2 + 3 + 2 + 1
+    assert calls[-1] == "run_reattack_cell:LRP-grad / FGSM" and len(calls) == 2 + 3 + 2 + 2 + 1
+    assert calls[4:6] == ["run_retrained_heatmap_cell:FGSM", "run_reattack_cell:FGSM / FGSM"]
     assert strict_json(tmp_path / "out" / "results.json")["complete"] is False
 
     calls.clear()
@@ -240,7 +283,7 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
     again = run_evaluation(load_config(path))
     assert calls == ["run_reattack_cell:LRP-grad / FGSM", "run_reattack_cell:LRP-grad / LRP-grad"]
     assert again.results["complete"] is True
-    for kind in ("retraining_sets", "immune_models", "reattacks"):
+    for kind in ("retraining_sets", "immune_models", "retrained_heatmaps", "reattacks"):
         assert untimed(again.results[kind]) == untimed(finished[0].results[kind]), kind
 
 
