@@ -234,17 +234,17 @@ class SignatureStudy(Study):
         seed = run.config.seed if self.seed is None else self.seed
         labels = chosen_attacks(self.attacks, run.config)
         done = [label for label in labels if run.attacks[label]["status"] == "done"]
-        keys = {}
-        for label in done:
-            cell = run.cell(
+        cells = {  # all submitted before any is read: with Ray they compute side by side
+            label: run.cell(
                 "signature",
                 label,
                 run.key(self.layer, self.per_class, seed, run.attacks[label]["key"]),
                 lambda label=label: run_signature_cell(self, run, label, seed),
                 about={"name": "xaiadv:SignatureStudy", "attack": run.attacks[label]["name"]},
             )
-            if cell["status"] == "done":
-                keys[label] = cell["key"]
+            for label in done
+        }
+        keys = {label: cell["key"] for label, cell in cells.items() if cell["status"] == "done"}
         run.cell(
             "embedding",
             EMBEDDING,

@@ -280,18 +280,17 @@ class TransferStudy(Study):
     def run(self, run: Run) -> None:
         dataset = run.data.name
         models = (self.substitute.train_config(dataset).key(), self.target.train_config(dataset).key())
-        keys = {}
-        for value in self.strengths:
-            label = strength_label(self.strength, value)
-            cell = run.cell(
+        cells = {  # all submitted before any is read: with Ray they compute side by side
+            strength_label(self.strength, value): run.cell(
                 "transfer",
-                label,
+                strength_label(self.strength, value),
                 run.key(models, self.attack, self.attack_params(value)),
                 lambda value=value: run_transfer_cell(self, run, value),
                 about={"name": self.attack, "params": self.attack_params(value)},
             )
-            if cell["status"] == "done":
-                keys[label] = cell["key"]
+            for value in self.strengths
+        }
+        keys = {label: cell["key"] for label, cell in cells.items() if cell["status"] == "done"}
         splits = CleanSplits.of(run)
         for spec in self.detector_specs(run.config):
             run.cell(
