@@ -10,7 +10,8 @@ the next's by up to 25%.
 
 Also: a relevance pass with Zennit's stock rules and with ours next to a gradient step, batched relevance
 vs one image at a time, and the detectors' scoring speed next to a forward pass (or a gradient step) and
-their fitting time on 60,000 images.
+their fitting time on 60,000 images; and an iteration of the detector-aware PGD against each differentiable
+detector next to an IFGSM iteration.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from .data import DatasetNotFoundError, load_dataset
 from .models import reference_cnn
 
 STEP = 1.0 / 256.0
+#: References the detectors of the adaptive-attack rows are fitted on (issue 14's speed target), at most.
+ADAPTIVE_REFERENCES = 10_000
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,53 @@ def detector_rows(model: nn.Module, references: int, repeats: int, seed: int) ->
     )
 
 
+def adaptive_rows(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, references: int, repeats: int, seed: int
+) -> list[BenchRow]:
+    """Seconds per iteration of detector-aware PGD (issue 14: at most 3x IFGSM's for I-defender and kNN at
+    10,000 references) next to an IFGSM iteration, both on the batch ``x``: IFGSM's is the cross-entropy's
+    input gradient and its sign step; the adaptive one :func:`~xaiadv.plugins.adaptive.loss_gradient`
+    (logits, the detector's differentiable score, the margin + weighted excess loss, its gradient, which
+    samples are done) and the same step. Detectors fitted on ``references`` images, one threshold at 5%
+    FPR."""
+    from xaiadv.plugins.adaptive import AdaptiveConfig, loss_gradient
+    from xaiadv.plugins.model import Classifier
+
+    generator = torch.Generator().manual_seed(seed)
+    x_ref, y_ref, source = _reference_data(references, generator)
+    classifier = Classifier.wrap(model)
+    config = AdaptiveConfig()
+    weight = torch.ones(len(x), dtype=torch.float64)
+    detectors = {
+        "IDefender": IDefender(model),
+        "KNNScore (uniform, BPDA)": KNNScore(model),
+        "KNNScore (distance)": KNNScore(model, weighting="distance"),
+        "LRPSignature": LRPSignature(model),
+    }
+    for detector in detectors.values():
+        detector.fit_calibrated(
+            x_ref, y_ref, fpr=0.05, per_class=False
+        )  # random weights: few classes predicted
+
+    def ifgsm_iteration() -> None:
+        z = x.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(z), y, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, z)
+        (x + config.eps_step * gradient.sign()).clamp(0.0, 1.0)
+
+    def adaptive_iteration(detector: object) -> None:
+        gradient, _ = loss_gradient(classifier, detector, x, y, weight, config)
+        (x - config.eps_step * gradient.sign()).clamp(0.0, 1.0)
+
+    runners: dict[str, Callable[[], object]] = {"IFGSM iteration": ifgsm_iteration}
+    for name, detector in detectors.items():
+        label = f"DetectorAwarePGD iteration, {name} ({len(x_ref)} {source} references)"
+        runners[label] = lambda detector=detector: adaptive_iteration(detector)
+    for run in runners.values():
+        run()
+    return _relative("adaptive attack", _interleaved_medians(runners, repeats), "s/iteration")
+
+
 def _timed(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
@@ -294,7 +344,8 @@ def run_bench(
 ) -> list[BenchRow]:
     """Measure every row in this one run and return them; nothing is read from earlier runs.
 
-    ``references``: images the detectors are fitted on (60,000, the Fashion-MNIST training set).
+    ``references``: images the detectors are fitted on (60,000, the Fashion-MNIST training set); the
+    adaptive-attack rows' detectors on the first :data:`ADAPTIVE_REFERENCES` of them (issue 14's setting).
     ``processes``: fresh processes each library's attack group is timed in. One process's ratios vary
     by up to 25% from the next's (its allocation history sets malloc's thresholds and page faults),
     more than within a process, so the rows give the median across processes and the range.
@@ -322,4 +373,5 @@ def run_bench(
         + rule_rows(model, x, y, repeats)
         + relevance_rows(model, x, y, repeats)
         + detector_rows(model, references, repeats, seed)
+        + adaptive_rows(model, x, y, min(references, ADAPTIVE_REFERENCES), repeats, seed)
     )

@@ -42,6 +42,13 @@ EXPECTED = {
         "LRPSignature.fit",
         "SpatialEntropy.fit",
     ],
+    "adaptive attack": [
+        "IFGSM iteration",
+        *(
+            f"DetectorAwarePGD iteration, {name} (300 uniform noise references)"
+            for name in ("IDefender", "KNNScore (uniform, BPDA)", "KNNScore (distance)", "LRPSignature")
+        ),
+    ],
 }
 ATTACK_GROUPS = ("art", "torchattacks")
 UNITS = {
@@ -52,6 +59,7 @@ UNITS = {
     "detector score": "s/256 images",
     "detector score (gradient)": "s/256 images",
     "detector fit": "s",
+    "adaptive attack": "s/iteration",
 }
 
 
