@@ -20,6 +20,7 @@ from .heatmaps import plot_heatmaps
 from .retraining_study import report_section as retraining_section
 from .rundir import SCHEMA_VERSION, RunDirectory
 from .transfer_study import report_section as transfer_section
+from .vanishing_study import report_section as vanishing_section
 
 NORMS = ("L0", "L1", "L2", "Linf")
 EXAMPLES = 4
@@ -125,6 +126,7 @@ def render_report(run_dir: str | Path) -> Path:
             _signature_section(results, run),
             retraining_section(results, run),
             transfer_section(results, run),
+            vanishing_section(results, run),
         ]
     except (KeyError, TypeError, OSError) as error:
         raise ValueError(

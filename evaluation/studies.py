@@ -68,6 +68,7 @@ def study_registry() -> Registry:
         retraining_study,
         signature_study,
         transfer_study,
+        vanishing_study,
     )
 
     return studies
