@@ -22,7 +22,9 @@ import numpy as np
 
 from xaiadv.plugins.storage import atomic_write
 
-SCHEMA_VERSION = 2
+#: results.json's layout. 2: the explanation studies' cells (heatmaps, signatures); 3: the retraining,
+#: transfer, vanishing-gradient and adaptive cells (retrainings, transfers, vanishings, adaptives).
+SCHEMA_VERSION = 3
 
 
 def key_of(*parts: object) -> str:

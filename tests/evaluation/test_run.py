@@ -21,7 +21,7 @@ from xaiadv.evaluation.config import load_config
 from xaiadv.evaluation.models import load_run_model
 from xaiadv.evaluation.report import ATTACK_HEADER, render_report
 from xaiadv.evaluation.run import run_evaluation
-from xaiadv.evaluation.rundir import key_of, slug
+from xaiadv.evaluation.rundir import SCHEMA_VERSION, key_of, slug
 
 STEPS = 5
 CONFIG = f"""
@@ -85,7 +85,7 @@ def _without_timing(results: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> None:
     results = json.loads((finished.directory / "results.json").read_text())
     assert results == json.loads(json.dumps(finished.results))
-    assert results["complete"] is True and results["schema_version"] == 2
+    assert results["complete"] is True and results["schema_version"] == SCHEMA_VERSION == 3
     environment = json.loads((finished.directory / "environment.json").read_text())
     assert environment == results["environment"] and environment["seed"] == 0
     assert environment["packages"]["torch"] and environment["device"] == "cpu"
@@ -547,7 +547,7 @@ def test_report_refuses_another_schema_and_damaged_results(finished: run.RunResu
     shutil.copytree(finished.directory, copy)
     results = json.loads((copy / "results.json").read_text())
     (copy / "results.json").write_text(json.dumps({**results, "schema_version": 99}))
-    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 2: run the config again"):
+    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 3: run the config again"):
         render_report(copy)
     del results["attacks"]["LRP-grad"]["norms"]
     (copy / "results.json").write_text(json.dumps(results))
