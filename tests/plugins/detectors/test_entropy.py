@@ -36,20 +36,6 @@ def reference_entropy(maps: np.ndarray, patch: int) -> np.ndarray:
     return out
 
 
-def small_relu_net(dtype: torch.dtype = torch.float64) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 6 * 6, 5),
-        )
-    return model.to(dtype).eval()
-
-
 def reference_guided(model: nn.Sequential, x: torch.Tensor, target: str) -> torch.Tensor:
     """Guided backprop written out: conv backward = transposed conv; a ReLU passes a gradient only where
     both its forward input and the incoming gradient are positive. Returns the (N, C, H, W) response."""
@@ -167,8 +153,8 @@ def test_detector_flags_zero_and_nan_responses(tiny_model: Factory) -> None:
 
 
 @pytest.mark.parametrize("target", ["activations", "logit"])
-def test_guided_backprop_equals_hand_written_reference(target: str) -> None:
-    model = small_relu_net()
+def test_guided_backprop_equals_hand_written_reference(target: str, small_relu_net: nn.Sequential) -> None:
+    model = small_relu_net
     x = torch.rand(4, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = reference_guided(model, x, target).mean(dim=1)
     got = SpatialEntropy(model, target=target).response(x)
@@ -189,8 +175,8 @@ def test_inplace_relu_gives_the_same_response(tiny_model: Factory, target: str) 
     assert plain.abs().sum() > 0
 
 
-def test_preprocessing_attributes_to_the_normalized_input() -> None:
-    model = small_relu_net()
+def test_preprocessing_attributes_to_the_normalized_input(small_relu_net: nn.Sequential) -> None:
+    model = small_relu_net
     x = torch.rand(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     mean, std = [0.2, 0.6], [0.5, 0.25]
     normalized = (x - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1)

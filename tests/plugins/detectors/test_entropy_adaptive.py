@@ -20,21 +20,6 @@ from xaiadv.plugins.adaptive import AdaptiveConfig, detector_aware_pgd
 from xaiadv.plugins.detectors import SpatialEntropy
 
 
-def small_relu_net() -> nn.Sequential:
-    """conv -> ReLU -> conv -> ReLU -> linear in float64 on 2 x 6 x 6 inputs (seeded)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 6 * 6, 5),
-        )
-    return model.double().eval()
-
-
 def reference_response(
     model: nn.Sequential, x: torch.Tensor, target: str, temperature: float
 ) -> torch.Tensor:
@@ -110,8 +95,10 @@ def test_the_logit_seeded_map_is_piecewise_constant_so_the_gates_need_bpda(digit
 
 
 @pytest.mark.parametrize("target", ["activations", "logit"])
-def test_the_differentiable_response_equals_a_hand_written_reference(target: str) -> None:
-    model = small_relu_net()
+def test_the_differentiable_response_equals_a_hand_written_reference(
+    target: str, small_relu_net: nn.Sequential
+) -> None:
+    model = small_relu_net
     detector = SpatialEntropy(model, target=target, gate_temperature=0.5)
     x = torch.rand(4, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x.requires_grad_(True)
@@ -125,10 +112,10 @@ def test_the_differentiable_response_equals_a_hand_written_reference(target: str
     assert float(ours.abs().sum()) > 0
 
 
-def test_the_differentiable_path_passes_gradcheck() -> None:
+def test_the_differentiable_path_passes_gradcheck(small_relu_net: nn.Sequential) -> None:
     """Double backprop through the guided ReLUs, in float64, where the map's gradient is exact (a vanishing
     gate temperature: the BPDA term is zero); the soft counts pass gradcheck in test_surrogates.py."""
-    detector = SpatialEntropy(small_relu_net(), gate_temperature=1e-9)
+    detector = SpatialEntropy(small_relu_net, gate_temperature=1e-9)
     x = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.autograd.gradcheck(detector.response_torch, (x.requires_grad_(True),))
 
