@@ -200,7 +200,7 @@ class SpatialEntropy(Detector):
     they change no score, so they are not part of the saved configuration.
     """
 
-    config_names = ("layer", "target", "patch")
+    config_names = ("layer", "target", "patch", "bandwidth", "gate_temperature")
 
     def __init__(
         self,

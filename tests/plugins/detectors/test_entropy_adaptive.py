@@ -136,6 +136,18 @@ class Tripwire(nn.Module):
         return x
 
 
+def test_the_surrogate_settings_are_saved_with_the_detector(digits, digits_cnn) -> None:
+    """bandwidth and gate_temperature shape score_torch: a reloaded detector attacks as the saved one did."""
+    detector = SpatialEntropy(digits_cnn, bandwidth=0.3, gate_temperature=0.2).fit(digits.x_train[:50])
+    arrays, state = detector.get_state()
+    loaded = SpatialEntropy.from_state(digits_cnn, arrays, state)
+    assert (loaded.bandwidth, loaded.gate_temperature) == (0.3, 0.2)
+    x = digits.x_test[:4].clone().requires_grad_(True)
+    (saved_gradient,) = torch.autograd.grad(detector.score_torch(x).sum(), x)
+    (loaded_gradient,) = torch.autograd.grad(loaded.score_torch(x).sum(), x)
+    torch.testing.assert_close(loaded_gradient, saved_gradient, rtol=0, atol=0)
+
+
 def test_model_and_inputs_left_as_found_even_after_an_exception(assert_no_hooks, count_hooks) -> None:
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True), Tripwire(), nn.Conv2d(2, 2, 3, padding=1)
