@@ -99,30 +99,35 @@ class SoftmaxOutput(nn.Module):
         return self.softmax(self.model(x) * self.logit_scale)
 
 
-def zero_gradient_mask(
+def input_gradient(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256
 ) -> torch.Tensor:
-    """Per sample (N,) bool: is every entry of the input gradient of the attacks' loss exactly zero?
-
-    The loss is ``cross_entropy(model(x), y)`` summed (what our attacks and ART's IFGSM differentiate,
-    eq. 2.30), on ``model``'s outputs as they are: the probabilities of a :class:`SoftmaxOutput`.
-    x: (N, ...) float inputs; y: (N,) class indices. The model is used in eval mode and restored.
-    """
+    """The input gradient (like x) of the attacks' loss, ``cross_entropy(model(x), y)`` summed (what our
+    attacks and ART's IFGSM differentiate, eq. 2.30), on ``model``'s outputs as they are: the
+    probabilities of a :class:`SoftmaxOutput`. x: (N, ...) float inputs; y: (N,) class indices. The model
+    is used in eval mode and restored."""
     x = checks.check_batch(x)
     y = checks.check_labels(y, x.shape[0], None, x.device)
     checks.positive_int("batch_size", batch_size)
     was_training = model.training
-    masks = []
+    gradients = []
     try:
         model.eval()
         for start in range(0, len(x), batch_size):
             rows = x[start : start + batch_size].detach().clone().requires_grad_(True)
             loss = nn.functional.cross_entropy(model(rows), y[start : start + batch_size], reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, rows)
-            masks.append((gradient.flatten(1) == 0).all(1))
+            gradients.append(torch.autograd.grad(loss, rows)[0])
     finally:
         model.train(was_training)
-    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=x.device)
+    return torch.cat(gradients) if gradients else torch.zeros_like(x)
+
+
+def zero_gradient_mask(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256
+) -> torch.Tensor:
+    """Per sample (N,) bool: is every entry of the input gradient of the attacks' loss
+    (:func:`input_gradient`) exactly zero?"""
+    return (input_gradient(model, x, y, batch_size=batch_size).flatten(1) == 0).all(1)
 
 
 def softmax_pass_composite(
@@ -201,29 +206,27 @@ def zero_gradient_trace(
     eps: float = 1 / 256,
     max_iter: int = 100,
     batch_size: int = 256,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """(max_iter + 1, N) bool: row t marks the samples whose gradient is all zero (:func:`zero_gradient_mask`)
     at IFGSM's t-th iterate (row 0: the clean input, Table 4.2's number; row max_iter: the last iterate).
 
-    The iterates are IFGSM's (registry ``xaiadv:LRPGrad`` with ``n_batch = 1.0``, step ``eps``, no
-    projection), early stop off, so a sample keeps moving after it is misclassified and its gradient is
-    followed to the end; a sample with an all-zero gradient does not move (sign(0) = 0). One IFGSM call of
-    one step from the last iterate per row: the attack itself, not a copy of its step. y: (N,) true labels.
+    IFGSM (eq. 2.30 iterated, no projection, as registry ``xaiadv:LRPGrad`` with ``n_batch = 1.0``):
+    x <- clip(x + eps * sign(gradient)), early stop off, so a sample keeps moving after it is misclassified
+    and its gradient is followed to the end; a sample with an all-zero gradient does not move (sign(0) = 0).
+    Each row's one gradient gives both its mask and the step (the tests check the iterates against the
+    attack's); y: (N,) true labels.
     """
-    from xaiadv.bridge.registry import build_attack
-
     checks.positive_int("max_iter", max_iter)
-    step = build_attack(IFGSM[0], model=model, **IFGSM[1], eps=eps, max_iter=1, early_stop=False)
+    checks.finite_number("eps", eps, low=0.0, low_open=True)
+    low, high = checks.check_bounds(bounds)
     x_adv = checks.check_batch(x).detach().clone()
-    rows = [zero_gradient_mask(model, x_adv, y, batch_size=batch_size)]
+    rows = []
     for _ in range(max_iter):
-        x_adv = torch.cat(
-            [
-                step(x_adv[start : start + batch_size], y[start : start + batch_size])
-                for start in range(0, len(x_adv), batch_size)
-            ]
-        )
-        rows.append(zero_gradient_mask(model, x_adv, y, batch_size=batch_size))
+        gradient = input_gradient(model, x_adv, y, batch_size=batch_size)
+        rows.append((gradient.flatten(1) == 0).all(1))
+        x_adv = (x_adv + eps * gradient.sign()).clamp(low, high)
+    rows.append(zero_gradient_mask(model, x_adv, y, batch_size=batch_size))
     return torch.stack(rows)
 
 
@@ -452,13 +455,12 @@ def run_trace_cell(
     study: VanishingGradientStudy, run: Run, variant: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One model's zero gradients: the first iteration's share (all samples, and the initially correct
-    ones) and the share at each IFGSM iterate; the warnings the attack raised, recorded."""
+    ones) and the share at each IFGSM iterate; whether the model's outputs look like probabilities."""
     model, x, y = _study_inputs(study, run, variant)
     correct = torch.as_tensor(run.sample.initially_correct[: study.samples]).to(run.device)
-    with recorded_warnings() as raised:
-        masks = zero_gradient_trace(
-            model, x, y, eps=study.eps, max_iter=study.max_iter, batch_size=run.config.batch_size
-        )
+    masks = zero_gradient_trace(
+        model, x, y, eps=study.eps, max_iter=study.max_iter, batch_size=run.config.batch_size
+    )
     with torch.no_grad():
         probabilities = checks.looks_like_probabilities(model(x[: run.config.batch_size]))
     first = masks[0]
@@ -473,7 +475,6 @@ def run_trace_cell(
         "first": ZeroGradientShare(len(first), int(first.sum())).to_dict(),
         "first_correct": ZeroGradientShare(int(correct.sum()), int(first[correct].sum())).to_dict(),
         "trace": masks.double().mean(1).tolist(),
-        "warnings": raised,
     }
     undefined = {} if variant == "clipped" else {"clip": "only the clipped model clips its probabilities"}
     if not correct.any():
@@ -601,7 +602,7 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
             ),
         ]
     raised: dict[str, str] = {}
-    for label, cell in {**done, **attacked}.items():
+    for label, cell in attacked.items():
         for message in cell["warnings"]:
             raised.setdefault(message, label)
     if raised:
