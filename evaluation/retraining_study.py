@@ -260,8 +260,10 @@ class RetrainingStudy(Study):
     training images the first ``train_samples`` enter as their adversarial images, fooled or not);
     ``epochs``, ``lr`` (None: 1e-3 for supplement, 1e-4 for transfer), ``batch_size``: the retraining's Adam;
     ``attacks``: the labels of the run's attacks the immune models are made for and attacked with, all when
-    empty. ``composite``, ``k``, ``examples``: the retrained heatmaps (seed 001 Fig. 3c/3e): the LRP
-    composite, the top-k of the overlap, the samples drawn per immune model in the report's figure.
+    empty. A training set smaller than ``clean_samples`` (a fallback data set) is taken whole, and then
+    ``train_samples`` at most its size. ``composite``, ``k``, ``examples``: the retrained heatmaps (seed 001
+    Fig. 3c/3e): the LRP composite, the top-k of the overlap, the samples drawn per immune model in the
+    report's figure.
     """
 
     protocol: str = "supplement"
@@ -382,7 +384,10 @@ def reattack_label(immune: str, attack: str) -> str:
 
 
 def _training_images(study: RetrainingStudy, run: Run) -> tuple[np.ndarray, np.ndarray]:
-    rows = training_rows(len(run.data.x_train), study.clean_samples, run.config.seed)
+    """The study's clean training images, all of the training set where it has fewer than ``clean_samples``
+    (a config's small fallback data set: digits' 1,347); the attacked ones are the first of them."""
+    n_train = len(run.data.x_train)
+    rows = training_rows(n_train, min(study.clean_samples, n_train), run.config.seed)
     return run.data.x_train[rows], run.data.y_train[rows]
 
 
@@ -391,8 +396,8 @@ def run_set_cell(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One attack's adversarial training images, made against the clear model (a transferred attack)."""
     spec = next(spec for spec in run.config.attacks if spec.label == label)
-    x, y = _training_images(study, run)
-    x, y = torch.as_tensor(x[: study.train_samples]), torch.as_tensor(y[: study.train_samples])
+    clean_x, clean_y = _training_images(study, run)
+    x, y = torch.as_tensor(clean_x[: study.train_samples]), torch.as_tensor(clean_y[: study.train_samples])
     start = time.perf_counter()
     x_adv, fooled = adversarial_examples(
         run.model,
@@ -411,6 +416,7 @@ def run_set_cell(
         "params": dict(spec.params),
         "status": "done",
         "n": len(y),
+        "n_clean": len(clean_y),
         "n_correct": int(correct.sum()),
         "n_fooled": int(fooled.sum()),
         "asr": float(fooled.sum() / correct.sum()) if correct.any() else None,

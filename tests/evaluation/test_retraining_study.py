@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 
 from xaiadv.evaluation import retraining_study
 from xaiadv.evaluation.config import ConfigError, ModelSpec, load_config
+from xaiadv.evaluation.figures import plot_value_grids
 from xaiadv.evaluation.heatmaps import explanation_heatmaps, spearman
 from xaiadv.evaluation.models import load_or_retrain, load_run_model, retrained_key
 from xaiadv.evaluation.retraining_study import (
@@ -379,6 +381,27 @@ def test_training_rows_are_seeded_and_bounded() -> None:
     assert len(set(rows.tolist())) == 30 and np.array_equal(rows, training_rows(100, 30, seed=1))
     with pytest.raises(ValueError, match="clean_samples: 101 is more than the 100 training images"):
         training_rows(100, 101, seed=1)
+
+
+def test_a_training_set_smaller_than_clean_samples_is_taken_whole() -> None:
+    x_train = np.arange(50, dtype=np.float32).reshape(50, 1, 1, 1)
+    run = SimpleNamespace(
+        data=SimpleNamespace(x_train=x_train, y_train=np.arange(50)), config=SimpleNamespace(seed=2)
+    )
+    x, y = retraining_study._training_images(RetrainingStudy(train_samples=20, clean_samples=80), run)
+    assert sorted(y.tolist()) == list(range(50)) and np.array_equal(x[:, 0, 0, 0], y)  # all 50, in pairs
+    x, y = retraining_study._training_images(RetrainingStudy(train_samples=20, clean_samples=30), run)
+    assert np.array_equal(y, training_rows(50, 30, seed=2))  # a larger set: the seeded draw
+
+
+def test_the_cross_table_figure_checks_its_grids(tmp_path: Path) -> None:
+    grids = {"fresh ASR": [[0.5, None], [1.0, 0.0]]}
+    path = plot_value_grids(["clear", "immune to A"], ["A", "B"], grids, tmp_path / "grid.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match=r"grids\['fresh ASR'\] must hold 2 rows of 2 values each"):
+        plot_value_grids(["clear", "immune to A"], ["A", "B"], {"fresh ASR": [[0.5]]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
+        plot_value_grids(["clear"], ["A"], {"ASR": [[1.5]]}, tmp_path / "bad.png")
 
 
 @pytest.mark.parametrize(
