@@ -1,4 +1,4 @@
-"""Vanishing gradients (thesis 4.2.4, Table 4.2, Algorithm 8; LRP-mean of 3.2): the library core.
+"""Vanishing gradients (thesis 4.2.4, Table 4.2, Algorithm 8; LRP-mean of 3.2): the library and its study.
 
 The thesis found that 60.9% of its dogs-vs-cats images had an all-zero initial loss gradient (eq. 2.30):
 its classifier ends in a Dense layer with a softmax activation, which saturates, so IFGSM cannot move
@@ -24,6 +24,23 @@ that setting from any logit model and measures it:
 - Relevance of the softmax model passes the softmax unchanged (zennit ``Pass``): the thesis's LRP reads the
   dense layers' weights and inputs and puts the one-hot relevance on the last layer's output before its
   activation. Through the softmax Jacobian, relevance would vanish with the gradient.
+
+Which saturated model: both, as two columns beside the logit model (:data:`MODELS`). ``softmax`` hands the
+attacks the probabilities (what a PyTorch user gets from a model with its softmax inside; the attacks warn).
+``clipped`` hands them ``log(clip(softmax, 1e-7, 1 - 1e-7))`` (:class:`ClippedLogSoftmax`), so that their
+cross-entropy is Keras's ``categorical_crossentropy``, the loss behind the thesis's 60.9%. Why both: in
+float32 the softmax alone barely saturates more than the logit model (at the first iteration not at all for
+correct samples: the same condition, a margin over ~104 / logit_scale), which is the thesis's own finding
+that separating the softmax "did not lead to immediate improved results"; the clip is what makes the
+gradient vanish at a margin of ~16 (measured on Fashion-MNIST's reference CNN at logit scale 1: 2.3% with
+the clip, 0% without; at scale 4: 57.5% and 0%). Along IFGSM the two differ again: a sample pushed past
+its class saturates on the wrong class with the softmax inside (its Jacobian is zero there too) or with
+the clip (p_y clipped at 1e-7), not on the logit model, whose p - onehot(y) keeps its -1.
+
+:func:`zero_gradient_trace` and :func:`attack_success` are the typed library functions;
+:class:`VanishingGradientStudy` (``xaiadv:VanishingGradientStudy``) runs them as resumable cells on the
+run's model: per model, one ``vanishing`` cell (the zero share at the first iteration and along IFGSM) and
+one ``vanishing_attack`` cell per attack (its ASR, with the ASR among the all-zero samples and the others).
 """
 
 from __future__ import annotations
