@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xaiadv.evaluation import executor as executor_module
+from xaiadv.evaluation.cli import main
 from xaiadv.evaluation.config import ConfigError, ExecutorSpec, RunConfig, load_config
 from xaiadv.evaluation.run import Run, RunInterrupted, run_evaluation
 from xaiadv.evaluation.studies import Study, studies
@@ -105,6 +106,15 @@ def test_ray_missing_is_an_import_error_naming_the_extra(monkeypatch: pytest.Mon
 def test_an_unreachable_address_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match=r"executor.address: no Ray cluster answers at '127.0.0.1:1'"):
         executor_module.open_executor(ExecutorSpec(kind="ray", address="127.0.0.1:1"))
+
+
+def test_the_cli_s_address_alone_means_ray_and_an_unreachable_one_is_refused(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny(tmp_path, "cli")  # kind = "local" in the file: --address overrides it with Ray
+    assert main(["run", str(tmp_path / "run.toml"), "--address", "127.0.0.1:1"]) == 2
+    assert "executor.address: no Ray cluster answers at '127.0.0.1:1'" in capsys.readouterr().err
+    assert not list((tmp_path / "cli").glob("cells/*"))  # refused before any cell
 
 
 @pytest.mark.parametrize(
@@ -256,6 +266,28 @@ def test_a_factory_the_workers_cannot_import_is_an_error_before_any_cell(
         run_evaluation(config)
     assert "driver_only_nets" in str(err.value) and "py_modules" in str(err.value)
     assert list((tmp_path / "ray" / "cells").iterdir()) == []  # no cell ran
+
+
+def test_the_cli_s_executor_flag_overrides_the_config_s_both_ways(
+    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny(tmp_path, "ray")  # [executor] left out: kind = "local"
+    assert config.executor.kind == "local"
+    assert main(["run", str(tmp_path / "run.toml"), "--executor", "ray"]) == 0
+    executor = json.loads((tmp_path / "ray" / "environment.json").read_text())["executor"]
+    assert executor["kind"] == "ray" and executor["cluster_resources"]["CPU"] == 2.0  # the test's Ray
+    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"}
+    # a config that asks for an unreachable cluster runs locally with --executor local (no address kept)
+    path = tmp_path / "run.toml"
+    path.write_text(
+        path.read_text().replace('/ray"', '/local"') + '\n[executor]\nkind = "ray"\naddress = "127.0.0.1:1"\n'
+    )
+    assert load_config(path).executor.address == "127.0.0.1:1"
+    assert main(["run", str(path), "--executor", "local"]) == 0
+    executor = json.loads((tmp_path / "local" / "environment.json").read_text())["executor"]
+    assert executor["kind"] == "local" and "cluster_resources" not in executor
+    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"}
+    assert "report:" in capsys.readouterr().out
 
 
 @pytest.mark.slow
