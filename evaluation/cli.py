@@ -6,6 +6,7 @@ xaiadv report RUN_DIR  re-render a run's report.md and figures from its saved re
 xaiadv list            every attack, detector and study as source:Name, by kind and source (--flat)
 xaiadv train           train (or load from the cache) a reference CNN and print its accuracy
 xaiadv bench           seconds per iteration of IFGSM and the LRP attacks, side by side
+                       (--knn-scale: kNN scoring at 60,000 and 1,000,000 references, exact vs IVF)
 """
 
 from __future__ import annotations
@@ -174,8 +175,31 @@ def _range(ratio_range: tuple[float, float] | None) -> str:
     return "" if ratio_range is None else f"{ratio_range[0]:.3g}-{ratio_range[1]:.3g}"
 
 
+def _knn_scale(args: argparse.Namespace) -> int:
+    from .bench import KNN_DIM, knn_scale_rows
+
+    sizes = None if args.knn_sizes is None else tuple(args.knn_sizes)
+    given = {"sizes": sizes, "ivf": args.knn_index, "nprobe": args.nprobe}
+    chosen = {name: value for name, value in given.items() if value is not None}  # else its defaults
+    rows = knn_scale_rows(queries=args.queries, repeats=args.repeats, **chosen)
+    print(
+        f"KNNScore.score (k=10, l2) of {args.queries} queries among synthetic {KNN_DIM}-d clustered "
+        f"features, median of {args.repeats}, each row in a fresh process; recall@10 against the exact "
+        "row of its size; CPU-s: the process's CPU time (all threads); load: 1-minute load average; peak: "
+        "ru_maxrss of the row's process (data, fit, scoring), base: the same before the data\n"
+    )
+    header = ("references", "search", "images/s", "images/CPU-s", "load", "recall@10")
+    header += ("peak MiB", "base MiB", "fit s")  # KNNScaleRow's fields in order, but its queries
+    table = [dataclasses.astuple(row)[: len(header)] for row in rows]
+    print(format_table(header, table))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+
+    if args.knn_scale:
+        return _knn_scale(args)
 
     rows = run_bench(
         batch_size=args.batch_size,
@@ -245,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--processes", type=int, default=3, help="fresh processes each library's attack group is timed in"
     )
+    bench.add_argument(
+        "--knn-scale",
+        action="store_true",
+        help="instead: kNN scoring speed, recall and memory at large reference sets (exact vs IVF)",
+    )
+    bench.add_argument("--knn-sizes", type=positive_int, nargs="+", help="references per row (60000 1000000)")
+    bench.add_argument("--knn-index", help="the approximate faiss index factory string (IVF1024,SQ8)")
+    bench.add_argument("--nprobe", type=positive_int, help="inverted lists the IVF index searches (10)")
+    bench.add_argument("--queries", type=positive_int, default=1000, help="images scored per timing")
     bench.set_defaults(run=_bench)
     return parser
 

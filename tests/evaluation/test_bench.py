@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from xaiadv.evaluation import bench
 from xaiadv.evaluation.bench import BenchRow, run_bench
@@ -154,3 +156,80 @@ def test_invalid_arguments_raise_before_any_work(
     monkeypatch.setattr(bench, "reference_cnn", no_work)
     with pytest.raises(ValueError, match=rf"^{name} must be an int > 0; got {value}$"):
         run_bench(**kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN references at scale (issue 15): rows measured in this process, at a tiny size
+
+
+@pytest.fixture(scope="module")
+def knn_rows() -> list[bench.KNNScaleRow]:
+    with pytest.MonkeyPatch.context() as patch:  # in this process: a fresh one costs seconds of imports
+        patch.setattr(bench, "_in_fresh_process", lambda function, *args: function(*args))
+        return bench.knn_scale_rows((2_000,), ivf="IVF16,Flat", nprobe=1, queries=200, repeats=1)
+
+
+def test_knn_scale_rows_torch_faiss_flat_and_ivf_with_their_recall(knn_rows: list[bench.KNNScaleRow]) -> None:
+    assert [(row.references, row.search) for row in knn_rows] == [
+        (2_000, "torch"),
+        (2_000, "faiss Flat"),
+        (2_000, "faiss IVF16,Flat, nprobe 1"),
+    ]
+    torch_row, flat, ivf = knn_rows
+    assert torch_row.recall == 1.0  # the reference itself
+    assert flat.recall == 1.0  # faiss' exact index finds torch's neighbours
+    assert 0.0 <= ivf.recall < 1.0  # one of 16 lists searched: some true neighbours missed
+    for row in knn_rows:
+        assert row.queries == 200
+        assert math.isfinite(row.images_per_second) and row.images_per_second > 0.0
+        assert math.isfinite(row.images_per_cpu_second) and row.images_per_cpu_second > 0.0
+        assert row.load >= 0.0
+        assert row.peak_mib >= row.base_mib > 0.0
+        assert row.fit_seconds > 0.0
+
+
+def test_recall_is_the_share_of_exact_neighbours_found() -> None:
+    exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    found = np.array([[3, 2, 9, 8], [4, 5, 6, 7]])  # order does not matter; 2 + 4 of 8 found
+    assert bench._recall(found, exact) == 0.75
+    assert bench._recall(exact, exact) == 1.0
+
+
+def test_synthetic_features_are_seeded_and_clustered_with_a_low_intrinsic_dimension() -> None:
+    x, y = bench.synthetic_features(3_000, seed=1)
+    assert x.shape == (3_000, 256) and x.dtype == torch.float32
+    assert set(y.tolist()) == set(range(10))
+    again, labels = bench.synthetic_features(3_000, seed=1)
+    assert torch.equal(again, x) and torch.equal(labels, y)
+    assert not torch.equal(bench.synthetic_features(3_000, seed=2)[0], x)
+    # low intrinsic dimension: 24 latent directions carry nearly all the variance, not 256
+    variances = torch.linalg.svdvals(x - x.mean(0)) ** 2
+    assert float(variances[:24].sum() / variances.sum()) > 0.95
+    # clustered by class: the nearest other point nearly always has the same class (uniform noise: 10%)
+    distances = torch.cdist(x[:500], x[:500]).fill_diagonal_(math.inf)
+    assert float((y[:500][distances.argmin(1)] == y[:500]).float().mean()) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sizes": ()}, r"^sizes must be a non-empty tuple of ints > 0; got \(\)$"),
+        ({"sizes": [2_000]}, r"^sizes must be a non-empty tuple"),
+        ({"sizes": (2_000, 0)}, r"^sizes must be an int > 0; got 0$"),
+        ({"nprobe": 0}, r"^nprobe must be an int > 0; got 0$"),
+        ({"queries": True}, r"^queries must be an int > 0; got True$"),
+        ({"repeats": 1.5}, r"^repeats must be an int > 0; got 1.5$"),
+        ({"sizes": (2_000,), "ivf": "IVF4096,Flat"}, r"^ivf: index='IVF4096,Flat' has 4096 inverted lists"),
+        ({"ivf": "nonsense"}, r"^ivf: index='nonsense' is not a faiss index factory string"),
+        ({"ivf": "Flat"}, r"^ivf: nprobe=10 does not apply to index='Flat'"),
+    ],
+)
+def test_knn_scale_rows_refuse_bad_arguments_before_any_row(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object], match: str
+) -> None:
+    def no_work(*args: object) -> None:
+        raise AssertionError("a row was measured before the arguments were checked")
+
+    monkeypatch.setattr(bench, "_in_fresh_process", no_work)
+    with pytest.raises(ValueError, match=match):
+        bench.knn_scale_rows(**kwargs)  # type: ignore[arg-type]

@@ -221,6 +221,58 @@ def test_bench_prints_the_rows_of_run_bench(
     ]
 
 
+def test_bench_knn_scale_parses_its_flags_and_prints_the_rows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[dict[str, object]] = []
+
+    def fake_rows(**kwargs: object) -> list[bench.KNNScaleRow]:
+        calls.append(kwargs)
+        return [
+            bench.KNNScaleRow(2_000, "torch", 1234.25, 700.0, 1.5, 1.0, 900.0, 800.0, 0.5, 50),
+            bench.KNNScaleRow(
+                2_000, "faiss IVF16,Flat, nprobe 2", 5000.0, 3000.0, 2.25, 0.961, 950.0, 800.0, 1.25, 50
+            ),
+        ]
+
+    def no_run_bench(**kwargs: object) -> None:
+        raise AssertionError("--knn-scale ran the attack bench")
+
+    monkeypatch.setattr(bench, "knn_scale_rows", fake_rows)
+    monkeypatch.setattr(bench, "run_bench", no_run_bench)
+    argv = ["bench", "--knn-scale", "--knn-sizes", "2000", "5000", "--knn-index", "IVF16,Flat"]
+    assert main([*argv, "--nprobe", "2", "--queries", "50", "--repeats", "2"]) == 0
+    assert calls == [{"sizes": (2_000, 5_000), "ivf": "IVF16,Flat", "nprobe": 2, "queries": 50, "repeats": 2}]
+    out = capsys.readouterr().out
+    assert out.startswith("KNNScore.score (k=10, l2) of 50 queries among synthetic 256-d clustered features")
+    assert _table_rows(out) == [
+        [
+            "references",
+            "search",
+            "images/s",
+            "images/CPU-s",
+            "load",
+            "recall@10",
+            "peak MiB",
+            "base MiB",
+            "fit s",
+        ],
+        ["---"] * 9,
+        ["2000", "torch", "1234", "700", "1.5", "1", "900", "800", "0.5"],
+        ["2000", "faiss IVF16,Flat, nprobe 2", "5000", "3000", "2.25", "0.961", "950", "800", "1.25"],
+    ]
+    assert main(["bench", "--knn-scale"]) == 0  # knn_scale_rows' own defaults: nothing but the counts
+    assert calls[1] == {"queries": 1000, "repeats": 5}
+
+
+@pytest.mark.parametrize("flag", ["--knn-sizes", "--nprobe", "--queries"])
+def test_bench_knn_scale_counts_must_be_positive(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--knn-scale", flag, "0"])
+    assert exit_info.value.code == 2
+    assert "expected an integer > 0, got '0'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # format_table
 
