@@ -20,8 +20,10 @@ from xaiadv.evaluation.config import ConfigError, load_config
 from xaiadv.evaluation.run import RunResult, run_evaluation
 from xaiadv.evaluation.rundir import RunDirectory
 from xaiadv.evaluation.vanishing_study import (
+    DEFAULT_ATTACKS,
     KERAS_EPSILON,
     SoftmaxOutput,
+    VanishingGradientStudy,
     recorded_warnings,
     softmax_pass_composite,
     study_model,
@@ -366,3 +368,12 @@ def test_a_bad_parameter_is_refused_naming_it(tmp_path: Path, extra: str, messag
     key, _, value = extra.partition(" = ")
     with pytest.raises(ConfigError, match=message):
         load_config(vanishing_config(tmp_path, **{key: value}))
+
+
+def test_the_shipped_config_runs_the_study_as_its_comments_say() -> None:
+    config = load_config(Path(vanishing_study.__file__).with_name("vanishing.toml"))
+    assert (config.dataset, config.fallback, config.samples) == ("fashion_mnist", "digits", 100)
+    (study,) = config.studies
+    assert study == VanishingGradientStudy(logit_scale=4.0, eps=2 / 256, max_iter=40, samples=100)
+    assert study.models == ("softmax", "clipped", "logits") and study.attacks == DEFAULT_ATTACKS
+    assert [attack.label for attack in study.attacks] == ["IFGSM", "IFGSM+noise", "LRP-mean", "LRP-grad+mean"]
