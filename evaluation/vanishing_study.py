@@ -641,7 +641,8 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
 
 
 def plot_zero_share(traces: Mapping[str, Sequence[float]], path: Path) -> Path:
-    """The share of all-zero gradients at each IFGSM iterate, one line per model."""
+    """The share of all-zero gradients at each IFGSM iterate, one line per model (each its own line style:
+    the softmax and the logit model often coincide)."""
     from . import figures
 
     if not traces or not all(len(trace) for trace in traces.values()):
@@ -649,7 +650,8 @@ def plot_zero_share(traces: Mapping[str, Sequence[float]], path: Path) -> Path:
     figure = figures._figure((6.4, 4.0))
     axes = figure.subplots()
     for index, (label, trace) in enumerate(traces.items()):
-        axes.plot(range(len(trace)), trace, color=f"C{index % 10}", label=str(label))
+        style = figures._LINESTYLES[index % len(figures._LINESTYLES)]  # equal series stay visible
+        axes.plot(range(len(trace)), trace, color=f"C{index % 10}", linestyle=style, label=str(label))
     axes.set(
         xlabel="IFGSM iteration",
         ylabel="share of all-zero gradients",
