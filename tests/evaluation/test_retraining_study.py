@@ -413,6 +413,8 @@ def test_the_cross_table_figure_checks_its_grids(tmp_path: Path) -> None:
         ({"train_samples": 20, "clean_samples": 10}, "train_samples: the attacked images are among"),
         ({"lr": -1.0}, "lr must be > 0"),
         ({"attacks": "FGSM"}, "attacks: expected a list of attack labels"),
+        ({"k": 0}, "k must be an int > 0"),
+        ({"examples": 0}, "examples must be an int > 0"),
     ],
 )
 def test_bad_parameters_name_the_field(params: dict[str, Any], message: str) -> None:
