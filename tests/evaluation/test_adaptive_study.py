@@ -3,7 +3,6 @@ sanity warnings (each made to fire and not to fire), the settings' validation an
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -72,29 +71,15 @@ train_samples = 200
 STUDY = '\n[[studies]]\nname = "xaiadv:DetectorStudy"\nadaptive = {}\n'
 
 
-def _write(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def strict_json(path: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> None:
-        raise AssertionError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
-def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory, write_config) -> RunResult:
     folder = tmp_path_factory.mktemp("adaptive")
     adaptive = "{ eps = [0.1, 0.2], max_iter = 20, search_steps = 3, samples = 40 }"
     text = BASE.format(output=folder / "out") + MORE_DETECTORS + STUDY.replace("{}", adaptive)
-    return run_evaluation(load_config(_write(folder, text)))
+    return run_evaluation(load_config(write_config(folder, text)))
 
 
-def test_the_adaptive_column_beats_the_blind_attack_on_i_defender(finished: RunResult) -> None:
+def test_the_adaptive_column_beats_the_blind_attack_on_i_defender(finished: RunResult, strict_json) -> None:
     results = strict_json(finished.directory / "results.json")
     assert results["complete"] is True
     cells = results["adaptives"]
@@ -122,7 +107,9 @@ def test_the_adaptive_column_beats_the_blind_attack_on_i_defender(finished: RunR
     assert 0.0 <= peer["non_adaptive"]["bypass_rate"] <= 1.0
 
 
-def test_the_report_sets_the_columns_side_by_side_says_which_to_quote_and_warns(finished: RunResult) -> None:
+def test_the_report_sets_the_columns_side_by_side_says_which_to_quote_and_warns(
+    finished: RunResult, strict_json
+) -> None:
     results = strict_json(finished.directory / "results.json")
     report = finished.report.read_text()
     section = report.split("### Adaptive evaluation: the attacker knows the detector")[1]
@@ -144,10 +131,10 @@ def test_the_report_sets_the_columns_side_by_side_says_which_to_quote_and_warns(
 
 
 def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_adaptive_cells(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
 ) -> None:
     adaptive = "{ eps = [0.1, 0.2], max_iter = 5, search_steps = 1, samples = 10, unbounded = false }"
-    path = _write(tmp_path, BASE.format(output=tmp_path / "out") + STUDY.replace("{}", adaptive))
+    path = write_config(tmp_path, BASE.format(output=tmp_path / "out") + STUDY.replace("{}", adaptive))
     calls: list[float] = []
     real = detector_study.adaptive_cell
 
@@ -304,9 +291,9 @@ def test_the_settings_and_their_budgets() -> None:
     ],
 )
 def test_bad_adaptive_settings_are_refused_when_the_config_loads(
-    tmp_path: Path, adaptive: str, message: str
+    tmp_path: Path, adaptive: str, message: str, write_config
 ) -> None:
-    path = _write(tmp_path, BASE.format(output=tmp_path / "out") + STUDY.replace("{}", adaptive))
+    path = write_config(tmp_path, BASE.format(output=tmp_path / "out") + STUDY.replace("{}", adaptive))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
 

@@ -4,7 +4,6 @@ resumed after an interrupt, their failed cells, the missing extra, and their typ
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import sys
@@ -66,24 +65,8 @@ def config_text(output: Path, *, samples: int = 40, attacks: str = ATTACKS, stud
     )
 
 
-def write_config(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def strict_json(path: Path) -> dict[str, Any]:
-    """results.json with NaN and infinities refused (JSON has none; Python's json reads them)."""
-
-    def refuse(constant: str) -> None:
-        raise AssertionError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
-def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory, write_config) -> RunResult:
     folder = tmp_path_factory.mktemp("run")
     text = config_text(folder / "out", attacks=ATTACKS + NO_SUCCESS, studies=HEATMAPS + SIGNATURES)
     return run_evaluation(load_config(write_config(folder, text)))
@@ -101,7 +84,7 @@ def _check_pngs(directory: Path, images: list[str]) -> None:
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, image
 
 
-def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunResult) -> None:
+def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunResult, strict_json) -> None:
     results = strict_json(finished.directory / "results.json")
     assert results["schema_version"] == SCHEMA_VERSION == 3 and results["complete"] is True
     assert list(results["heatmaps"]) == ["LRP-grad", "PGD (torchattacks)", "too weak"]
@@ -138,7 +121,9 @@ def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunR
     _check_pngs(finished.directory, images)
 
 
-def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished: RunResult) -> None:
+def test_the_signature_study_writes_aucs_embedding_section_and_figures(
+    finished: RunResult, strict_json
+) -> None:
     results = strict_json(finished.directory / "results.json")
     sample = np.load(finished.directory / "arrays" / f"sample-{slug('sample')}.npz")
     correct = sample["y"][sample["prediction"] == sample["y"]]
@@ -182,7 +167,7 @@ def test_the_signature_study_writes_aucs_embedding_section_and_figures(finished:
 
 
 def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_study_cells(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict_json, write_config
 ) -> None:
     path = write_config(tmp_path, config_text(tmp_path / "out", studies=HEATMAPS + SIGNATURES))
     calls: list[str] = []
@@ -237,7 +222,7 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_study_cells(
 
 
 def test_no_successful_attack_is_a_failed_heatmap_cell_and_the_run_goes_on(
-    cache: Path, tmp_path: Path
+    cache: Path, tmp_path: Path, strict_json, write_config
 ) -> None:
     text = config_text(tmp_path / "out", attacks=NO_SUCCESS, studies=HEATMAPS + SIGNATURES)
     result = run_evaluation(load_config(write_config(tmp_path, text)))
@@ -263,7 +248,9 @@ def test_no_successful_attack_is_a_failed_heatmap_cell_and_the_run_goes_on(
     strict_json(result.directory / "results.json")
 
 
-def test_one_class_only_is_a_failed_embedding_cell_and_the_run_goes_on(cache: Path, tmp_path: Path) -> None:
+def test_one_class_only_is_a_failed_embedding_cell_and_the_run_goes_on(
+    cache: Path, tmp_path: Path, write_config
+) -> None:
     studies = '\n[[studies]]\nname = "xaiadv:SignatureStudy"\n'  # the first 2: a 2 taken for a 3, a 0
     result = run_evaluation(
         load_config(write_config(tmp_path, config_text(tmp_path / "out", samples=2, studies=studies)))
@@ -280,7 +267,7 @@ def test_one_class_only_is_a_failed_embedding_cell_and_the_run_goes_on(cache: Pa
 
 
 def test_without_umap_learn_the_error_names_the_extra(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
 ) -> None:
     monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` now raises ImportError
     with pytest.raises(ImportError, match=r"needs umap-learn: pip install 'xaiadv\[explain\]'"):
@@ -331,7 +318,7 @@ def test_without_umap_learn_the_error_names_the_extra(
     ],
 )
 def test_bad_study_parameters_are_refused_when_the_config_loads(
-    tmp_path: Path, study: str, message: str
+    tmp_path: Path, study: str, message: str, write_config
 ) -> None:
     path = write_config(tmp_path, config_text(tmp_path / "out", studies=f"\n[[studies]]\n{study}\n"))
     with pytest.raises(ConfigError, match=message):

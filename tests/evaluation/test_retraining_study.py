@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,20 +62,6 @@ def config_text(output: Path, study: str = STUDY) -> str:
     )
 
 
-def write_config(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def strict_json(path: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> None:
-        raise AssertionError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 def untimed(cells: dict[str, Any]) -> dict[str, Any]:
     """Cells without their seconds per image (what legitimately differs between two runs)."""
     return {
@@ -107,7 +92,10 @@ def trainer_calls() -> Iterator[list[AdversarialTrainer]]:
 
 @pytest.fixture(scope="module")
 def finished(
-    cache: Path, tmp_path_factory: pytest.TempPathFactory, trainer_calls: list[AdversarialTrainer]
+    cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    trainer_calls: list[AdversarialTrainer],
+    write_config,
 ) -> tuple[RunResult, dict[str, str]]:
     """The study's run, and the clear model's cache files as they were before the study retrained."""
     folder = tmp_path_factory.mktemp("run")
@@ -117,7 +105,9 @@ def finished(
     return run_evaluation(load_config(write_config(folder, config_text(folder / "out")))), clear_files
 
 
-def test_the_study_writes_table_1_the_cross_tables_and_the_figure(finished: tuple[RunResult, Any]) -> None:
+def test_the_study_writes_table_1_the_cross_tables_and_the_figure(
+    finished: tuple[RunResult, Any], strict_json
+) -> None:
     result, _ = finished
     results = strict_json(result.directory / "results.json")
     assert results["complete"] is True
@@ -170,7 +160,9 @@ def test_the_study_writes_table_1_the_cross_tables_and_the_figure(finished: tupl
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
-def test_the_immune_models_heatmaps_beside_the_clear_ones(finished: tuple[RunResult, Any]) -> None:
+def test_the_immune_models_heatmaps_beside_the_clear_ones(
+    finished: tuple[RunResult, Any], strict_json
+) -> None:
     result, _ = finished
     results = strict_json(result.directory / "results.json")
     cells = results["retrained_heatmaps"]
@@ -221,7 +213,7 @@ def test_arts_trainer_retrains_every_immune_model(trainer_calls: list[Adversaria
 
 
 def test_a_study_that_bypasses_arts_trainer_fails(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
 ) -> None:
     def refused(self: AdversarialTrainer, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("AdversarialTrainer.fit was called")
@@ -258,6 +250,8 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
     trainer_calls: list[AdversarialTrainer],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    strict_json,
+    write_config,
 ) -> None:
     calls: list[str] = []
     interrupt = {"at": reattack_label("LRP-grad", "FGSM")}
@@ -428,7 +422,9 @@ def test_the_protocols_learning_rates() -> None:
     assert RetrainingStudy(protocol="transfer", lr=0.01).learning_rate == 0.01
 
 
-def test_a_config_naming_an_unknown_attack_or_the_clear_label_is_refused(tmp_path: Path) -> None:
+def test_a_config_naming_an_unknown_attack_or_the_clear_label_is_refused(
+    tmp_path: Path, write_config
+) -> None:
     study = STUDY + 'attacks = ["PGD"]\n'
     with pytest.raises(ConfigError, match=r"studies\[0\]\.attacks: \['PGD'\] are not attack labels"):
         load_config(write_config(tmp_path, config_text(tmp_path / "out", study)))
@@ -451,7 +447,9 @@ def test_the_shipped_config_retrains_against_the_issues_four_attacks() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("cache")
-def test_the_shipped_fashion_mnist_config_makes_immune_models(tmp_path: Path) -> None:
+def test_the_shipped_fashion_mnist_config_makes_immune_models(
+    tmp_path: Path, strict_json, write_config
+) -> None:
     text = SHIPPED.read_text().replace('output = "runs/retraining"', f'output = "{tmp_path / "out"}"')
     result = run_evaluation(load_config(write_config(tmp_path, text)))
     check_the_shipped_results(strict_json(result.directory / "results.json"), result.directory)

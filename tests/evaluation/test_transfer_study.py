@@ -4,7 +4,6 @@ function against a hand-written FGSM, and the shipped Fashion-MNIST config (slow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +54,8 @@ def config_text(output: Path, study: str = STUDY) -> str:
     )
 
 
-def write_config(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def strict_json(path: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> None:
-        raise AssertionError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
-def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory, write_config) -> RunResult:
     folder = tmp_path_factory.mktemp("run")
     return run_evaluation(load_config(write_config(folder, config_text(folder / "out"))))
 
@@ -122,7 +107,9 @@ def test_models_e_and_f_have_table_1s_layers() -> None:
         model_f((1, 8, 8), 10)
 
 
-def test_the_transfer_cells_hold_the_target_asr_of_a_hand_written_fgsm(finished: RunResult) -> None:
+def test_the_transfer_cells_hold_the_target_asr_of_a_hand_written_fgsm(
+    finished: RunResult, strict_json
+) -> None:
     results = strict_json(finished.directory / "results.json")
     assert list(results["transfers"]) == ["eps=0.1", "eps=0.3"]
     sample = np.load(finished.directory / "arrays" / f"sample-{slug('sample')}.npz")
@@ -149,7 +136,9 @@ def test_the_transfer_cells_hold_the_target_asr_of_a_hand_written_fgsm(finished:
     assert 0.1 < asr[0.1] < asr[0.3] and asr[0.3] > 0.6
 
 
-def test_the_detector_cell_scores_the_transferred_examples_on_the_target(finished: RunResult) -> None:
+def test_the_detector_cell_scores_the_transferred_examples_on_the_target(
+    finished: RunResult, strict_json
+) -> None:
     results = strict_json(finished.directory / "results.json")
     cell = results["transfer_detectors"]["I-defender"]
     assert cell["status"] == "done" and cell["name"] == "xaiadv:IDefenderDetector" and cell["n_fit"] == 600
@@ -178,7 +167,9 @@ def test_the_detector_cell_scores_the_transferred_examples_on_the_target(finishe
     assert aucs["eps=0.1"] >= 0.85 and aucs["eps=0.3"] >= 0.9
 
 
-def test_a_detector_that_cannot_be_fitted_is_a_failed_cell_and_the_run_goes_on(finished: RunResult) -> None:
+def test_a_detector_that_cannot_be_fitted_is_a_failed_cell_and_the_run_goes_on(
+    finished: RunResult, strict_json
+) -> None:
     results = strict_json(finished.directory / "results.json")
     assert results["complete"] is False
     assert results["failed_cells"] == [
@@ -191,7 +182,7 @@ def test_a_detector_that_cannot_be_fitted_is_a_failed_cell_and_the_run_goes_on(f
     assert results["transfer_detectors"]["I-defender"]["status"] == "done"
 
 
-def test_the_report_prints_table_5_beside_ours_with_a_roc_figure(finished: RunResult) -> None:
+def test_the_report_prints_table_5_beside_ours_with_a_roc_figure(finished: RunResult, strict_json) -> None:
     results = strict_json(finished.directory / "results.json")
     report = finished.report.read_text()
     section = report.split("## Black-box transfer (seed 002 section 4.1, Tables 1-5)")[1].split("\n## ")[0]
@@ -211,7 +202,7 @@ def test_the_report_prints_table_5_beside_ours_with_a_roc_figure(finished: RunRe
 
 
 def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
 ) -> None:
     path = write_config(tmp_path, config_text(tmp_path / "out"))
     calls: list[str] = []
@@ -299,7 +290,7 @@ def test_bad_parameters_are_refused_naming_the_field(kwargs: dict[str, Any], mes
 
 
 def test_the_config_refuses_unknown_detectors_and_refused_parameters_before_any_work(
-    isolated: Path, tmp_path: Path
+    isolated: Path, tmp_path: Path, write_config
 ) -> None:
     unknown = STUDY.replace('"I-defender",', '"I-defendr",')
     with pytest.raises(ConfigError, match=r"detectors: \['I-defendr'\] are neither labels of this run's"):
@@ -314,7 +305,7 @@ def test_the_config_refuses_unknown_detectors_and_refused_parameters_before_any_
 
 
 @pytest.mark.slow
-def test_the_shipped_fashion_mnist_config_reaches_the_papers_auc(tmp_path: Path) -> None:
+def test_the_shipped_fashion_mnist_config_reaches_the_papers_auc(tmp_path: Path, write_config) -> None:
     config = load_config(SHIPPED)
     assert config.dataset == "fashion_mnist"
     (study,) = config.studies

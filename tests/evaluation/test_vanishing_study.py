@@ -4,7 +4,6 @@ gradient vanishes."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -239,19 +238,12 @@ def vanishing_config(folder: Path, **params: str) -> Path:
     return path
 
 
-def strict_json(path: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> None:
-        raise AssertionError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
 def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
     return run_evaluation(load_config(vanishing_config(tmp_path_factory.mktemp("vanishing"))))
 
 
-def test_the_study_writes_table_4_2_beside_the_attacks(finished: RunResult) -> None:
+def test_the_study_writes_table_4_2_beside_the_attacks(finished: RunResult, strict_json) -> None:
     results = strict_json(finished.directory / "results.json")
     assert results["complete"] is True
     traces, cells = results["vanishings"], results["vanishing_attacks"]
@@ -306,7 +298,7 @@ def test_the_report_has_the_vanishing_section_and_its_figure(finished: RunResult
 
 
 def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict_json
 ) -> None:
     models, attacks = '["clipped", "logits"]', '["xaiadv:IFGSMNoise", "xaiadv:LRPMean"]'
     path = vanishing_config(tmp_path, models=models, attacks=attacks, max_iter="3")
