@@ -104,12 +104,10 @@ def test_against_i_defender_the_adaptive_attack_beats_plain_pgd(digits, digits_c
     assert adaptive >= 0.75 and adaptive >= plain + 0.4, (adaptive, plain)  # measured 0.85 vs 0.225
 
 
-def test_against_dw_knn_a_confident_adaptive_attack_beats_plain_pgd(
-    digits, digits_cnn, digits_correct
-) -> None:
-    """Carrara's DW-kNN at 5% FPR, L-inf eps 0.2. Stopping at the decision boundary leaves the features
-    among the original class's references; a confidence margin (kappa) carries them over: measured
-    bypass 0.70 (kappa 0), 0.80 (5), 0.925 (20) against plain PGD's 0.775."""
+def test_against_dw_knn_the_adaptive_attack_beats_plain_pgd(digits, digits_cnn, digits_correct) -> None:
+    """Carrara's DW-kNN at 5% FPR, L-inf eps 0.2: measured bypass 0.975 (kappa 0), 1.00 (kappa 20) against
+    plain PGD's 0.775. Differentiated exactly through its k neighbours (no reference of the predicted class
+    among them: a zero gradient) it reached 0.70 (kappa 0) and 0.925 (kappa 20)."""
     import torchattacks
 
     from xaiadv.plugins.detectors import KNNScore
@@ -120,9 +118,9 @@ def test_against_dw_knn_a_confident_adaptive_attack_beats_plain_pgd(
     x_pgd = torchattacks.PGD(digits_cnn, eps=0.2, alpha=0.02, steps=30, random_start=False)(x, y)
     with torch.no_grad():
         plain = float(((digits_cnn(x_pgd).argmax(1) != y) & ~detector.detect(x_pgd)).float().mean())
-    config = AdaptiveConfig(eps=0.2, eps_step=0.02, max_iter=30, search_steps=4, kappa=20.0)
+    config = AdaptiveConfig(eps=0.2, eps_step=0.02, max_iter=30, search_steps=4)
     adaptive = float(detector_aware_pgd(digits_cnn, detector, x, y, config=config).bypassed.float().mean())
-    assert adaptive >= 0.85 and adaptive >= plain + 0.1, (adaptive, plain)
+    assert adaptive >= 0.92 and adaptive >= plain + 0.1, (adaptive, plain)
 
 
 def test_against_uniform_knn_the_adaptive_attack_beats_plain_pgd(digits, digits_cnn, digits_correct) -> None:

@@ -34,7 +34,7 @@ from xaiadv.plugins.detectors import DETECTORS, Detector, IDefender, KNNScore, L
 from xaiadv.plugins.model import Classifier
 
 #: name -> a detector on a model; small settings where the method's defaults cost seconds (I-defender's
-#: full covariance in 256 dimensions). "KNNScore-distance" is the kNN whose score_torch is exact.
+#: full covariance in 256 dimensions). "KNNScore-distance": DW-kNN (1/d^2 weights) on PCA-whitened features.
 CASES: dict[str, Callable[[Any], Detector]] = {
     "SpatialEntropy": lambda model: SpatialEntropy(model),
     "IDefender": lambda model: IDefender(model, n_components=1, covariance_type="diag"),

@@ -57,3 +57,15 @@ def test_the_gradient_is_the_soft_vote_over_the_neighbourhood_and_the_class_once
     (expected,) = torch.autograd.grad(1.0 - vote.sum(), oracle_query)
     assert float(gradient.abs().max()) > 1e-3
     torch.testing.assert_close(gradient.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dw_knn_at_an_exact_match_has_a_finite_gradient() -> None:
+    """A query equal to a reference: DW-kNN's weight 1/d^2 is infinite there; the surrogate floors the
+    distance, so the score keeps its exact value and the gradient stays finite."""
+    model, references, labels = _two_clusters()
+    detector = KNNScore(model, layer="0", k=5, weighting="distance", preprocess=None).fit(references, labels)
+    query = references[35:36].clone().requires_grad_(True)  # a class-1 reference itself
+    score = detector.score_torch(query)
+    assert torch.equal(score.detach(), detector.score(query.detach()))
+    (gradient,) = torch.autograd.grad(score.sum(), query)
+    assert bool(torch.isfinite(gradient).all())
