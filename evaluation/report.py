@@ -326,9 +326,10 @@ def _detector_row(name: str, row: dict[str, Any]) -> list[object]:
     ]
 
 
-def _failed(cells: dict[str, Any]) -> list[str]:
-    """One line per failed cell: its label and error."""
-    return [f"- {label}: {cell['error']}" for label, cell in cells.items() if cell["status"] != "done"]
+def failed_lines(cells: dict[str, Any]) -> list[str]:
+    """A section's "Failed:" block, one line per failed cell (its label and error); [] when none failed."""
+    failed = [f"- {label}: {cell['error']}" for label, cell in cells.items() if cell["status"] != "done"]
+    return ["", "Failed:", "", *failed] if failed else []
 
 
 def _mean_median(number: dict[str, Any]) -> str:
@@ -360,9 +361,7 @@ def _heatmap_section(results: dict[str, Any], run: RunDirectory) -> str:
         ]
         header = ("attack", "n", "Spearman", "top-k overlap", "R on perturbed", "values perturbed")
         lines += ["", table(header, rows)]
-    failed = _failed(cells)
-    if failed:
-        lines += ["", "Failed:", "", *failed]
+    lines += failed_lines(cells)
     for label, cell in done.items():
         if not cell["n"]:
             continue
@@ -416,9 +415,7 @@ def _signature_section(results: dict[str, Any], run: RunDirectory) -> str:
         ]
         if reasons:
             lines += ["", "n/a:", "", *reasons]
-    failed = _failed({**cells, **embeddings})
-    if failed:
-        lines += ["", "Failed:", "", *failed]
+    lines += failed_lines({**cells, **embeddings})
     for label, cell in embeddings.items():
         if cell["status"] == "done":
             lines += _embedding_figures(label, cell, run)

@@ -608,7 +608,7 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
     """Seed 001 Table 1 / thesis Table 4.4 per immune model, the cross tables of fresh ASR and of transferred
     accuracy (immune to A, attacked by B) with a figure of both, and the retrained heatmaps (Fig. 3c/3e)."""
     from . import figures
-    from .report import fmt, table
+    from .report import failed_lines, fmt, table
 
     sets = results.get("retraining_sets") or {}
     models = results.get("immune_models") or {}
@@ -694,14 +694,8 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
         lines += ["", f"![retraining cross tables](figures/{path.name})"]
     heatmaps = results.get("retrained_heatmaps") or {}
     lines += _heatmap_lines(heatmaps, run)
-    failed = [
-        f"- {kind} {label}: {cell['error']}"
-        for kind, cells in (("set", sets), ("model", models), ("reattack", reattacks), ("heatmap", heatmaps))
-        for label, cell in cells.items()
-        if cell["status"] != "done"
-    ]
-    if failed:
-        lines += ["", "Failed:", "", *failed]
+    kinds = (("set", sets), ("model", models), ("reattack", reattacks), ("heatmap", heatmaps))
+    lines += failed_lines({f"{kind} {label}": cell for kind, cells in kinds for label, cell in cells.items()})
     return "\n".join(lines)
 
 

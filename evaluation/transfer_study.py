@@ -427,7 +427,7 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
     """Seed 002 Table 5 beside ours: per strength the transfer ASR and each detector's AUC, the paper's
     I-defender AUC and our gap to it; one ROC figure per detector over the strengths."""
     from . import figures
-    from .report import fmt, table
+    from .report import failed_lines, fmt, table
 
     cells = results.get("transfers") or {}
     detectors = results.get("transfer_detectors") or {}
@@ -481,11 +481,5 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
             stem = run.cell_path("transfer_detector", label).stem
             path = figures.plot_roc(rocs, run.figures / f"roc-{stem}.png", title=f"{label} (transfer)")
             lines += ["", f"![ROC {label}](figures/{path.name})"]
-    failed = [
-        f"- {label}: {cell['error']}"
-        for label, cell in {**cells, **detectors}.items()
-        if cell["status"] != "done"
-    ]
-    if failed:
-        lines += ["", "Failed:", "", *failed]
+    lines += failed_lines({**cells, **detectors})
     return "\n".join(lines)

@@ -560,7 +560,7 @@ MODEL_NOTES = {
 def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
     """Thesis Table 4.2 beside the attacks: per model, the first-iteration zero-gradient share, the share at
     IFGSM's last iterate, each attack's ASR and the best; a figure of the share over iterations."""
-    from .report import fmt, table
+    from .report import failed_lines, fmt, table
 
     traces = results.get("vanishings") or {}
     cells = results.get("vanishing_attacks") or {}
@@ -630,13 +630,7 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
             {label: cell["trace"] for label, cell in done.items()}, run.figures / "vanishing-gradients.png"
         )
         lines += ["", f"![zero-gradient share over iterations](figures/{path.name})"]
-    failed = [
-        f"- {label}: {cell['error']}"
-        for label, cell in {**traces, **cells}.items()
-        if cell["status"] != "done"
-    ]
-    if failed:
-        lines += ["", "Failed:", "", *failed]
+    lines += failed_lines({**traces, **cells})
     return "\n".join(lines)
 
 
