@@ -47,7 +47,7 @@ from . import attack_study
 from .attack_study import Sample, predict, softmax
 from .heatmap_study import NUMBERS, check_top_k, explain_attack
 from .heatmaps import Heatmaps, plot_heatmaps
-from .models import craft_adversarial, load_or_retrain
+from .models import TRAINING_THREADS, craft_adversarial, load_or_retrain, training_threads
 from .rundir import to_json
 from .studies import Study, attack_labels, check_attack_labels, chosen_attacks, studies
 
@@ -181,7 +181,9 @@ def adversarial_retrain(
 
     The trainer's attack is :func:`precomputed_attack` on ``clear``'s classifier: a transferred attack, so
     the trainer takes every counterpart once before the first epoch. ART shuffles with numpy's and torch's
-    global generators: both are seeded with ``seed`` and restored after. Returns ``model`` in eval mode.
+    global generators: both are seeded with ``seed`` and restored after; it trains on
+    :data:`~xaiadv.evaluation.models.TRAINING_THREADS` threads (another count, other weights). Returns
+    ``model`` in eval mode.
     """
     from art.defences.trainer import AdversarialTrainer
     from art.estimators.classification import PyTorchClassifier
@@ -208,7 +210,7 @@ def adversarial_retrain(
     trainer = AdversarialTrainer(trainee, precomputed_attack(source, x, counterparts), ratio=1.0)
     numpy_state = np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), training_threads(TRAINING_THREADS):
             torch.manual_seed(seed)
             np.random.seed(seed)
             trainer.fit(x, y, batch_size=batch_size, nb_epochs=epochs)
@@ -374,6 +376,7 @@ class RetrainingStudy(Study):
                 "lr": self.learning_rate,
                 "batch_size": self.batch_size,
                 "seed": run.config.seed,
+                "threads": TRAINING_THREADS,
             }
         )
 

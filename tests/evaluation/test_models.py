@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def test_reference_cnn_rejects_bad_arguments(kwargs: dict, match: str) -> None:
         ("width", -1, "width: expected an integer >= 1"),
         ("seed", -1, "seed: expected an integer >= 0"),
         ("max_train", 0, "max_train: expected an integer >= 1"),
+        ("threads", 0, "threads: expected an integer >= 1"),
     ],
 )
 def test_config_validation(field: str, value: object, match: str) -> None:
@@ -121,8 +123,12 @@ def test_config_key_is_stable_and_sensitive() -> None:
     assert base.key() == TrainConfig(dataset="digits").key()
     assert len(base.key()) == 12 and int(base.key(), 16) >= 0
     assert TrainConfig(dataset="digits", lr=1).key() == TrainConfig(dataset="digits", lr=1.0).key()
-    keys = {base.key(), TrainConfig(dataset="digits", seed=1).key(), TrainConfig(dataset="mnist").key()}
-    assert len(keys) == 3
+    others = (
+        TrainConfig(dataset="digits", seed=1),
+        TrainConfig(dataset="mnist"),
+        TrainConfig(dataset="digits", threads=1),
+    )
+    assert len({base.key(), *(other.key() for other in others)}) == 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +156,27 @@ def test_training_is_reproducible_and_leaves_global_rng(digits: Dataset) -> None
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.model[0].weight, c.model[0].weight)
+
+
+def _weights(trained: TrainedModel) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trained.model.parameters()])
+
+
+def test_training_runs_on_its_own_thread_count_whatever_the_caller_has(digits: Dataset) -> None:
+    """A Ray worker (OMP_NUM_THREADS=1) and the driver (2 threads) train the same weights: the count is the
+    config's. Another count gives other weights (float sums in another order), which is why it is pinned."""
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        on_one = train_reference_model(digits, FAST)
+        assert torch.get_num_threads() == 1  # the caller's count is restored
+        torch.set_num_threads(2)
+        on_two = train_reference_model(digits, FAST)
+    finally:
+        torch.set_num_threads(caller)
+    assert torch.equal(_weights(on_one), _weights(on_two))
+    single = train_reference_model(digits, dataclasses.replace(FAST, threads=1))
+    assert not torch.equal(_weights(single), _weights(on_two))
 
 
 def test_training_rejects_mismatched_dataset(digits: Dataset) -> None:
