@@ -125,17 +125,30 @@ def umap_class() -> type:
 
 
 def umap_embedding(features: np.ndarray, *, seed: int, n_neighbors: int = N_NEIGHBORS) -> np.ndarray:
-    """UMAP of ``features`` (N, D) to (N, 2), seeded: the same embedding on every CPU run (one thread)."""
+    """UMAP of ``features`` (N, D) to (N, 2), seeded: the same embedding on every CPU run (one thread).
+
+    UMAP gets the exact ``n_neighbors`` graph (scikit-learn, each point its own first neighbour, as UMAP's
+    own search returns it) instead of searching an approximate one: the same graph on every machine, and on
+    the demo's 4,546 signatures 6.5 s instead of 39 s (after numba's compilation, 15 s instead of 76 s).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
     UMAP = umap_class()
     features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     if len(features) < 3:
         raise ValueError(f"features: UMAP needs at least 3 samples; got {len(features)}")
     neighbors = min(checks.positive_int("n_neighbors", n_neighbors), len(features) - 1)
+    distances, indices = NearestNeighbors(n_neighbors=neighbors).fit(features).kneighbors(features)
     reducer = UMAP(
-        n_components=2, n_neighbors=neighbors, random_state=checks.natural_int("seed", seed), n_jobs=1
+        n_components=2,
+        n_neighbors=neighbors,
+        random_state=checks.natural_int("seed", seed),
+        n_jobs=1,
+        precomputed_knn=(indices, distances, None),
     )
-    with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": what we ask for
+    with warnings.catch_warnings():  # what we ask for: one thread; no transform of new data later
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
         return np.asarray(reducer.fit_transform(features), dtype=np.float64)
 
 

@@ -266,6 +266,29 @@ def test_one_class_only_is_a_failed_embedding_cell_and_the_run_goes_on(
     assert "Failed:" in result.report.read_text()
 
 
+def test_umap_embedding_runs_on_the_exact_neighbour_graph() -> None:
+    """Oracle: UMAP given the brute-force 5-neighbour graph by hand (float64 pairwise distances) draws the
+    same embedding, and two far-apart clusters stay apart in it."""
+    from umap import UMAP
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0.0, 1.0, (30, 6)), rng.normal(25.0, 1.0, (30, 6))])
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    indices = np.argsort(distances, axis=1, kind="stable")[:, :5]
+    expected = UMAP(
+        n_components=2,
+        n_neighbors=5,
+        random_state=7,
+        n_jobs=1,
+        precomputed_knn=(indices, np.take_along_axis(distances, indices, 1), None),
+    ).fit_transform(points)
+    embedding = umap_embedding(points, seed=7, n_neighbors=5)
+    np.testing.assert_allclose(embedding, expected, rtol=1e-5, atol=1e-5)
+    first, second = embedding[:30], embedding[30:]
+    gap = np.linalg.norm(first.mean(0) - second.mean(0))
+    assert gap > 3 * max(first.std(0).max(), second.std(0).max())
+
+
 def test_without_umap_learn_the_error_names_the_extra(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
 ) -> None:
