@@ -33,7 +33,6 @@ from xaiadv.bridge.registry import (
     Registry,
     art_classifier,
     blame_refusal,
-    build_attack,
     check_parameter_names,
     detectors,
 )
@@ -41,6 +40,7 @@ from xaiadv.bridge.registry import (
 from .adaptive_study import AdaptiveSettings, adaptive_cell, adaptive_scorer
 from .data import training_subset
 from .metrics import equal_error_accuracy, operating_point, roc_auc, roc_curve, tpr_at_fpr
+from .models import craft_adversarial
 from .studies import Study, studies
 
 if TYPE_CHECKING:
@@ -237,16 +237,16 @@ def _fit_peer(
     """
     n_train = min(spec.train_samples, len(x_fit))
     x_clean, y_clean = x_fit[:n_train], y_fit[:n_train]
-    attack = build_attack(spec.train_attack, model=model, bounds=BOUNDS, **spec.train_params)
-    x_adv = np.concatenate(
-        [
-            attack(torch.as_tensor(x_clean[i : i + batch_size]), torch.as_tensor(y_clean[i : i + batch_size]))
-            .detach()
-            .cpu()
-            .numpy()
-            for i in range(0, n_train, batch_size)
-        ]
-    )
+    x_adv = craft_adversarial(
+        model,
+        torch.as_tensor(x_clean),
+        torch.as_tensor(y_clean),
+        attack=spec.train_attack,
+        params=spec.train_params,
+        bounds=BOUNDS,
+        batch_size=batch_size,
+        device=device,
+    ).numpy()
     x_train = np.concatenate([x_clean, x_adv]).astype(np.float32)
     y_train = np.eye(2, dtype=np.float32)[np.repeat([0, 1], n_train)]
     own_model = copy.deepcopy(model)
@@ -321,7 +321,10 @@ def separation(
 @dataclass(frozen=True)
 class CleanSplits:
     """The clean images a detector learns from: the fitting subset of the training split, and the test
-    images after the evaluated sample that set our detectors' thresholds (none: a held-out share)."""
+    images after the evaluated sample that set our detectors' thresholds (none: a held-out share).
+
+    A cell builds them from its run where it runs (:meth:`of`, a seeded subset: milliseconds), so that a Ray
+    task carries no images: the run's data reach each worker once, through the object store."""
 
     x_fit: np.ndarray
     y_fit: np.ndarray
@@ -371,20 +374,21 @@ class DetectorStudy(Study):
                 "detector",
                 spec.label,
                 key,
-                lambda spec=spec: run_detector_cell(spec, run, splits, done),
+                # the splits are rebuilt where the cell runs: a Ray task then carries no fitting images
+                lambda spec=spec: run_detector_cell(spec, run, CleanSplits.of(run), done),
                 about={"name": spec.name},
             )
             if self.adaptive is not None:
-                self._adaptive_cells(spec, run, splits)
+                self._adaptive_cells(spec, run, len(splits.x_calibration))
 
-    def _adaptive_cells(self, spec: DetectorSpec, run: Run, splits: CleanSplits) -> None:
+    def _adaptive_cells(self, spec: DetectorSpec, run: Run, n_calibration: int) -> None:
         """One cell per budget; the detector is fitted (once) only when a cell needs computing."""
         settings = self.adaptive
         fitted: list[tuple[Detect, Any]] = []
 
         def detector() -> tuple[Detect, Any]:
             if not fitted:
-                fitted.append(_fit_for(spec, run, splits))
+                fitted.append(_fit_for(spec, run, CleanSplits.of(run)))
             return fitted[0]
 
         shape, settings_key = tuple(run.sample.x.shape[1:]), dataclasses.asdict(settings)
@@ -397,7 +401,7 @@ class DetectorStudy(Study):
                 run.key(
                     dataclasses.asdict(spec),
                     run.config.fit_samples,
-                    len(splits.x_calibration),
+                    n_calibration,
                     settings_key,
                     eps,
                 ),

@@ -299,7 +299,9 @@ class TransferStudy(Study):
                 run.key(
                     dataclasses.asdict(spec), models[1], len(splits.x_fit), len(splits.x_calibration), keys
                 ),
-                lambda spec=spec: run_transfer_detector_cell(self, run, spec, splits, list(keys)),
+                lambda spec=spec: run_transfer_detector_cell(
+                    self, run, spec, CleanSplits.of(run), list(keys)
+                ),
                 about={"name": spec.name},
             )
 

@@ -22,7 +22,9 @@ from torch import nn
 from xaiadv.evaluation import executor as executor_module
 from xaiadv.evaluation.cli import main
 from xaiadv.evaluation.config import ConfigError, ExecutorSpec, RunConfig, load_config
+from xaiadv.evaluation.detector_study import CleanSplits
 from xaiadv.evaluation.run import Run, RunInterrupted, run_evaluation
+from xaiadv.evaluation.rundir import RunDirectory
 from xaiadv.evaluation.studies import Study, studies
 
 ray = pytest.importorskip("ray", reason="the ray extra: pip install 'xaiadv[ray]'")
@@ -297,3 +299,42 @@ def test_quick_toml_on_ray_equals_local(local_ray: None, tmp_path: Path) -> None
     remote = run_evaluation(on_ray(config, tmp_path / "ray"))
     assert remote.results["complete"] is True and local.results["complete"] is True
     assert figures(remote.results) == figures(local.results)
+
+
+class _ShippingExecutor(executor_module.LocalExecutor):
+    """Pickles each cell's closure as a Ray task carries it (cloudpickle, the run reduced to a stub, as
+    RayExecutor reduces it to its small state) and measures it, then computes the cell here."""
+
+    def __init__(self) -> None:
+        self.shipped: dict[tuple[str, str], int] = {}
+
+    def reduce_run(self, run: Run) -> tuple[Any, ...]:
+        return str, ("the run's small state",)
+
+    def submit(self, run: Run, task: executor_module.CellTask) -> Any:
+        self.shipped[(task.kind, task.label)] = len(ray.cloudpickle.dumps(task.compute))
+        return super().submit(run, task)
+
+
+def test_a_detector_task_carries_no_fitting_images(cache: Path, tmp_path: Path) -> None:
+    """The detector cells (the fit, the adaptive column) rebuild their clean splits from the run where they
+    run: their closures stay far below the fitting images' bytes, which reach a worker once, with the run."""
+    adaptive = (
+        '[[studies]]\nname = "xaiadv:DetectorStudy"\n'
+        "adaptive = { eps = [0.1], samples = 4, max_iter = 2, search_steps = 1, unbounded = false }\n"
+    )
+    config = tiny(tmp_path, "out", TINY + adaptive)
+    shipping = _ShippingExecutor()
+    directory = RunDirectory(config.output)
+    directory.prepare()
+    run = Run.start(config, torch.device("cpu"), directory, executor=shipping)
+    run.execute()
+    fit_images = CleanSplits.of(run).x_fit.nbytes
+    assert fit_images == 300 * 64 * 4  # digits' 8x8 float32 images, fit_samples = 300
+    detector_tasks = {
+        cell: size for cell, size in shipping.shipped.items() if cell[0] in ("detector", "adaptive")
+    }
+    assert set(detector_tasks) == {("detector", "kNN"), ("adaptive", "kNN | Linf 0.1")}, detector_tasks
+    assert all(size < fit_images / 4 for size in detector_tasks.values()), (detector_tasks, fit_images)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [cell["status"] for cell in results["detectors"].values()] == ["done"]
