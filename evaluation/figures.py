@@ -26,7 +26,8 @@ NORMS = ("L0", "L1", "L2", "Linf")
 #: Per-iteration series of one attack's trace, as the harness saves them (thesis Figs. 4.6-4.10).
 CURVE_KEYS = ("iteration", "asr", *NORMS)
 DPI = 100
-_LINESTYLES = ("-", "--", ":", "-.")
+#: Line styles cycled over series, so that coinciding ones stay visible.
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def plot_attack_curves(
@@ -43,16 +44,16 @@ def plot_attack_curves(
     iteration's length; other keys are ignored). None or NaN marks an undefined value, such as a norm
     before the first success, and is drawn as a gap. ASR is a fraction in [0, 1].
     """
-    target = _png_path(path)
+    target = png_path(path)
     _check_norm(norm)
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError("curves must be a non-empty mapping of attack label -> series")
     checked = {label: _check_curve(label, curve, norm) for label, curve in curves.items()}
 
-    figure = _figure((13.5, 4.2))
+    figure = new_figure((13.5, 4.2))
     asr_axes, norm_axes, tradeoff_axes = figure.subplots(1, 3)
     for index, (label, (iteration, asr, values)) in enumerate(checked.items()):
-        style = {"color": f"C{index % 10}", "linestyle": _LINESTYLES[index // 10 % 4], "label": str(label)}
+        style = {"color": f"C{index % 10}", "linestyle": LINESTYLES[index // 10 % 4], "label": str(label)}
         asr_axes.plot(iteration, asr, **style)
         norm_axes.plot(iteration, values, **style)
         tradeoff_axes.plot(asr, values, **style)
@@ -65,7 +66,7 @@ def plot_attack_curves(
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     if title:
         figure.suptitle(title)
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_roc(
@@ -79,12 +80,12 @@ def plot_roc(
     ``rocs`` maps a label to {"fpr": [...], "tpr": [...], "auc": float}, all in [0, 1], fpr and tpr of
     equal length (as ``sklearn.metrics.roc_curve`` and ``roc_auc_score`` give them).
     """
-    target = _png_path(path)
+    target = png_path(path)
     if not isinstance(rocs, Mapping) or not rocs:
         raise ValueError("rocs must be a non-empty mapping of label -> {'fpr', 'tpr', 'auc'}")
     checked = {label: _check_roc(label, roc) for label, roc in rocs.items()}
 
-    figure = _figure((5.5, 5.5))
+    figure = new_figure((5.5, 5.5))
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="chance")
     for index, (label, (fpr, tpr, auc)) in enumerate(checked.items()):
@@ -92,7 +93,7 @@ def plot_roc(
             fpr,
             tpr,
             color=f"C{index % 10}",
-            linestyle=_LINESTYLES[index // 10 % 4],
+            linestyle=LINESTYLES[index // 10 % 4],
             label=f"{label} (AUC = {auc:.3f})",
         )
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="false-positive rate", ylabel="true-positive rate")
@@ -100,7 +101,7 @@ def plot_roc(
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     axes.set_title(title or "ROC")
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_bypass_curves(
@@ -115,12 +116,12 @@ def plot_bypass_curves(
     length, eps finite and > 0, rates in [0, 1] or None (no adaptive attack: a detector without a
     differentiable score, drawn as a gap).
     """
-    target = _png_path(path)
+    target = png_path(path)
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError("curves must be a non-empty mapping of detector label -> series")
     checked = {label: _check_bypass(label, curve) for label, curve in curves.items()}
 
-    figure = _figure((6.5, 4.5))
+    figure = new_figure((6.5, 4.5))
     axes = figure.subplots()
     for index, (label, (eps, plain, adaptive)) in enumerate(checked.items()):
         color = f"C{index % 10}"
@@ -129,7 +130,7 @@ def plot_bypass_curves(
     axes.set(xlabel="eps", ylabel="bypass rate", ylim=(-0.02, 1.02), title=title or "Bypass rate over eps")
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_examples(
@@ -149,7 +150,7 @@ def plot_examples(
     one scale per attack (its colorbar); for RGB its channel mean, so one colour per pixel. ``labels``
     optionally gives, per attack, at least ``n`` sample titles such as "7 -> 3".
     """
-    target = _png_path(path)
+    target = png_path(path)
     x = _check_images(original, "original")
     if not isinstance(adversarial, Mapping) or not adversarial:
         raise ValueError("adversarial must be a non-empty mapping of attack label -> images")
@@ -166,10 +167,10 @@ def plot_examples(
     n = int(n)
     titles = _check_labels(labels, batches, n)
 
-    figure = _figure((2.6 * n + 2.2, 1.45 * (len(batches) + 1) + 0.5))
+    figure = new_figure((2.6 * n + 2.2, 1.45 * (len(batches) + 1) + 0.5))
     grid = figure.subplots(len(batches) + 1, 2 * n, squeeze=False)
     for column in range(n):
-        _show_image(grid[0, 2 * column], x[column])
+        show_image(grid[0, 2 * column], x[column])
         grid[0, 2 * column].set_title(f"sample {column}", fontsize="small")
         grid[0, 2 * column + 1].set_axis_off()
     grid[0, 0].set_ylabel("original", fontsize="small")
@@ -180,7 +181,7 @@ def plot_examples(
             shown = grid[row, 2 * column].imshow(
                 delta[column], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
             )
-            _show_image(grid[row, 2 * column + 1], images[column])
+            show_image(grid[row, 2 * column + 1], images[column])
             if label in titles:
                 grid[row, 2 * column + 1].set_title(titles[label][column], fontsize="x-small")
         grid[row, 0].set_ylabel(label, fontsize="small")
@@ -190,7 +191,7 @@ def plot_examples(
         axes.set_yticks([])
     if title:
         figure.suptitle(title)
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_norm_distributions(
@@ -205,7 +206,7 @@ def plot_norm_distributions(
     ``norms`` maps an attack label to one finite, non-negative value per successful sample (an empty list
     is an attack without success). The tick labels carry each attack's count of successes.
     """
-    target = _png_path(path)
+    target = png_path(path)
     _check_norm(norm)
     if not isinstance(norms, Mapping) or not norms:
         raise ValueError("norms must be a non-empty mapping of attack label -> values")
@@ -214,7 +215,7 @@ def plot_norm_distributions(
         if not (np.isfinite(values) & (values >= 0)).all():
             raise ValueError(f"norms[{label!r}] must hold finite, non-negative values")
 
-    figure = _figure((max(4.0, 1.3 * len(checked) + 1.5), 4.5))
+    figure = new_figure((max(4.0, 1.3 * len(checked) + 1.5), 4.5))
     axes = figure.subplots()
     positions = np.arange(1, len(checked) + 1)
     filled = [
@@ -232,7 +233,7 @@ def plot_norm_distributions(
     axes.set_ylabel(f"{norm} of successful perturbations")
     axes.grid(axis="y", alpha=0.3)
     axes.set_title(title or f"{norm} norm per attack")
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_embedding_by_class(
@@ -247,9 +248,9 @@ def plot_embedding_by_class(
 
     ``classes``: (N,) class indices; ``names``: class index -> name for the legend.
     """
-    target = _png_path(path)
+    target = png_path(path)
     xy, labels = _check_points(points, classes, "points")
-    figure = _figure((6.4, 5.2))
+    figure = new_figure((6.4, 5.2))
     axes = figure.subplots()
     for index, label in enumerate(np.unique(labels)):
         mine = labels == label
@@ -258,7 +259,7 @@ def plot_embedding_by_class(
     axes.set(xlabel="UMAP 1", ylabel="UMAP 2", title=title or "clean signatures by class")
     axes.legend(loc="best", fontsize="x-small", markerscale=1.5)
     axes.grid(alpha=0.3)
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_embedding_attacks(
@@ -276,7 +277,7 @@ def plot_embedding_attacks(
     ``clean``: (N, 2) points with ``clean_classes`` (N,); ``adversarial``: label -> ((M, 2) points, (M,)
     the original class of each); all in one embedding, so every panel shares the axes.
     """
-    target = _png_path(path)
+    target = png_path(path)
     xy, labels = _check_points(clean, clean_classes, "clean")
     if not isinstance(adversarial, Mapping) or not adversarial:
         raise ValueError("adversarial must be a non-empty mapping of attack label -> (points, classes)")
@@ -286,7 +287,7 @@ def plot_embedding_attacks(
     }
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
-    figure = _figure((3.4 * columns, 3.2 * rows + 0.4))
+    figure = new_figure((3.4 * columns, 3.2 * rows + 0.4))
     grid = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
     mine = labels == shown_class
     said = name or str(shown_class)
@@ -303,7 +304,7 @@ def plot_embedding_attacks(
     for axes in grid.ravel()[len(panels) :]:
         axes.set_axis_off()
     figure.suptitle(f"class {said}: clean vs adversarial signatures (UMAP)")
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def plot_value_grids(
@@ -317,7 +318,7 @@ def plot_value_grids(
     """Annotated grids side by side on one [0, 1] scale, one per entry of ``grids`` (its title -> a value
     per row and column, None for n/a, left blank): e.g. the retraining study's cross tables, models by
     attacks (fresh ASR, transferred accuracy)."""
-    target = _png_path(path)
+    target = png_path(path)
     if not rows or not columns or not isinstance(grids, Mapping) or not grids:
         raise ValueError("rows, columns and grids must be non-empty (grids: title -> values per row)")
     checked = {}
@@ -329,7 +330,7 @@ def plot_value_grids(
         if ((grid < 0) | (grid > 1)).any():  # NaN compares False: n/a passes
             raise ValueError(f"grids[{title!r}] must hold values in [0, 1] (or None)")
         checked[title] = grid
-    figure = _figure((0.5 + (2.0 + 1.1 * len(columns)) * len(checked), 1.2 + 0.55 * len(rows)))
+    figure = new_figure((0.5 + (2.0 + 1.1 * len(columns)) * len(checked), 1.2 + 0.55 * len(rows)))
     panels = figure.subplots(1, len(checked), squeeze=False)[0]
     for axes, (title, grid) in zip(panels, checked.items(), strict=True):
         axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
@@ -339,14 +340,15 @@ def plot_value_grids(
         axes.set_xticks(range(len(columns)), list(columns), rotation=30, ha="right")
         axes.set_yticks(range(len(rows)), list(rows))
         axes.set(title=title, xlabel=xlabel)
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 # --------------------------------------------------------------------------------------------------
 # validation
 
 
-def _png_path(path: str | os.PathLike[str]) -> Path:
+def png_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, checked to name a .png file (TypeError / ValueError before any drawing)."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or path-like; got {type(path).__name__}")
     target = Path(path)
@@ -475,13 +477,15 @@ def _check_labels(
 # drawing and writing
 
 
-def _figure(size: tuple[float, float]) -> Figure:
+def new_figure(size: tuple[float, float]) -> Figure:
+    """A pyplot-free figure of ``size`` inches on an Agg canvas, at the report's dpi; the other figure
+    modules (heatmaps, the vanishing study) draw on it and write it with :func:`save_png`."""
     figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _show_image(axes: Axes, image: np.ndarray) -> None:
+def show_image(axes: Axes, image: np.ndarray) -> None:
     """One (C, H, W) image: gray for C = 1, RGB for C = 3, on the fixed [0, 1] scale."""
     if image.shape[0] == 1:
         axes.imshow(image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -489,12 +493,11 @@ def _show_image(axes: Axes, image: np.ndarray) -> None:
         axes.imshow(image.transpose(1, 2, 0), interpolation="nearest")
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_png(figure: Figure, path: Path) -> Path:
     """Render to PNG bytes without a timestamp or version, then write them atomically."""
     with io.BytesIO() as buffer:
         figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
         data = buffer.getvalue()
-    figure.clear()  # drop the artists now rather than at the next garbage collection
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
     return path

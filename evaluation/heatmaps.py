@@ -32,7 +32,7 @@ from xaiadv.plugins import checks
 from xaiadv.plugins.model import Classifier
 from xaiadv.plugins.relevance import DEFAULT_COMPOSITE, Relevance
 
-from .figures import _figure, _png_path, _save, _show_image
+from .figures import new_figure, png_path, save_png, show_image
 
 #: The seeds' heatmap colours: red for positive relevance, blue for negative, white at zero.
 COLORMAP = "bwr"
@@ -144,13 +144,13 @@ def plot_heatmaps(
     ``columns``: the six panels' titles, for another reading of the four maps (the retraining study draws
     the clear and the immune model's heatmap of each image, for the original class).
     """
-    target = _png_path(path)
+    target = png_path(path)
     n = len(x)
     if not n or len(x_adv) != n or len(titles) != n or len(heatmaps.clean_original) != n:
         raise ValueError(f"x, x_adv, heatmaps and titles must hold the same n > 0 samples; got {n}")
     if len(columns) != 6:
         raise ValueError(f"columns must title the six panels of a row; got {len(columns)}")
-    figure = _figure((12.0, 2.1 * n))
+    figure = new_figure((12.0, 2.1 * n))
     grid = figure.subplots(n, 6, squeeze=False)
     for row in range(n):
         maps = [getattr(heatmaps, name)[row] for name in Heatmaps.__dataclass_fields__]
@@ -160,7 +160,7 @@ def plot_heatmaps(
             axes.set_xticks([])
             axes.set_yticks([])
             if column in (0, 3):
-                _show_image(axes, np.clip(np.asarray(image, dtype=np.float64), 0, 1))
+                show_image(axes, np.clip(np.asarray(image, dtype=np.float64), 0, 1))
             else:
                 axes.imshow(np.asarray(image).sum(0), cmap=COLORMAP, vmin=-scale, vmax=scale)
             if row == 0:
@@ -175,7 +175,7 @@ def plot_heatmaps(
             va="center",
             rotation=90,
         )
-    return _save(figure, target)
+    return save_png(figure, target)
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -641,10 +641,10 @@ def plot_zero_share(traces: Mapping[str, Sequence[float]], path: Path) -> Path:
 
     if not traces or not all(len(trace) for trace in traces.values()):
         raise ValueError("traces: expected a non-empty series per model")
-    figure = figures._figure((6.4, 4.0))
+    figure = figures.new_figure((6.4, 4.0))
     axes = figure.subplots()
     for index, (label, trace) in enumerate(traces.items()):
-        style = figures._LINESTYLES[index % len(figures._LINESTYLES)]  # equal series stay visible
+        style = figures.LINESTYLES[index % len(figures.LINESTYLES)]  # equal series stay visible
         axes.plot(range(len(trace)), trace, color=f"C{index % 10}", linestyle=style, label=str(label))
     axes.set(
         xlabel="IFGSM iteration",
@@ -654,4 +654,4 @@ def plot_zero_share(traces: Mapping[str, Sequence[float]], path: Path) -> Path:
     )
     axes.grid(alpha=0.3)
     axes.legend()
-    return figures._save(figure, path)
+    return figures.save_png(figure, path)
