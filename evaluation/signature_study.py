@@ -129,7 +129,8 @@ def umap_embedding(features: np.ndarray, *, seed: int, n_neighbors: int = N_NEIG
 
     UMAP gets the exact ``n_neighbors`` graph (scikit-learn, each point its own first neighbour, as UMAP's
     own search returns it) instead of searching an approximate one: the same graph on every machine, and on
-    the demo's 4,546 signatures 6.5 s instead of 39 s (after numba's compilation, 15 s instead of 76 s).
+    the demo's 4,546 signatures 6.5 s instead of 39 s (15 s instead of 76 s in a fresh process, numba's
+    compilation included).
     """
     from sklearn.neighbors import NearestNeighbors
 
