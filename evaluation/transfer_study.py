@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from xaiadv.bridge.registry import art_classifier, available_attacks, check_atta
 
 from .attack_study import predict
 from .data import class_names
-from .detector_study import CleanSplits, check_detector, detector_registry, fit_detector, separation
+from .detector_study import CleanSplits, check_detector, detector_registry, fit_detector_object, separation
 from .metrics import roc_auc
 from .models import TrainConfig, build_model, craft_adversarial, dataset_input_shape, load_or_train
 from .studies import Study, studies
@@ -51,19 +52,33 @@ PAPER_ATTACKS = frozenset(
     {("art:FastGradientMethod", "eps"), ("torchattacks:FGSM", "eps"), ("foolbox:FGSM", "epsilons")}
 )
 BOUNDS = (0.0, 1.0)
+#: What a :class:`Network` may output.
+OUTPUTS = ("logits", "log_softmax")
 
 
 @dataclass(frozen=True)
 class Network:
     """One of the study's two models: a named architecture (:data:`~xaiadv.evaluation.models.ARCHITECTURES`)
     trained with Adam for ``epochs`` on ``max_train`` training images (None: all), seeded; ``width`` sizes
-    the reference CNN only."""
+    the reference CNN only.
+
+    ``output``: what the model outputs, ``"logits"`` or ``"log_softmax"``: the trained network followed by
+    a ``LogSoftmax`` layer named ``log_softmax``, Table 1's "FC(10)+Softmax" in log space, a state a
+    detector can model (``layer = "log_softmax"``). The same weights (not part of the cache key) and the
+    same classifier: the argmax is unchanged, and log_softmax is idempotent, so a cross-entropy and its
+    gradients are those of the logits.
+    """
 
     architecture: str = "E"
     epochs: int = 5
     max_train: int | None = None
     width: int = 32
     seed: int = 0
+    output: str = "logits"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {list(OUTPUTS)}, got {self.output!r}")
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The cache's training config of this network on ``dataset``."""
@@ -76,6 +91,12 @@ class Network:
             architecture=self.architecture,
         )
 
+    def key(self, dataset: str) -> str:
+        """What the study's cell keys hold of this network: its cache key, and its output when not logits
+        (a detector's default layer may be the output)."""
+        key = self.train_config(dataset).key()
+        return key if self.output == "logits" else f"{key}+{self.output}"
+
     @classmethod
     def of(cls, key: str, value: object) -> Network:
         """A network from its ``[[studies]]`` table (``{ architecture = "E", epochs = 5 }``); ValueError
@@ -87,11 +108,11 @@ class Network:
         unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(
-                f"{key}: unknown keys {unknown}; valid: architecture, epochs, max_train, width, seed"
+                f"{key}: unknown keys {unknown}; valid: architecture, epochs, max_train, width, seed, output"
             )
         try:
             network = cls(**value)
-            network.train_config("digits")  # TrainConfig checks every field
+            network.train_config("digits")  # TrainConfig checks every other field
         except ValueError as error:
             raise ValueError(f"{key}.{error}") from error
         return network
@@ -99,7 +120,17 @@ class Network:
     def untrained(self, dataset: str) -> nn.Module:
         """A fresh model of this architecture for ``dataset``'s samples (to check parameters on)."""
         shape = dataset_input_shape(dataset)
-        return build_model(self.architecture, shape, len(class_names(dataset)), width=self.width)
+        return self.with_output(
+            build_model(self.architecture, shape, len(class_names(dataset)), width=self.width)
+        )
+
+    def with_output(self, model: nn.Module) -> nn.Module:
+        """``model`` as :attr:`output` says: itself for logits, else a ``Sequential`` of its children (their
+        names kept, so ``fc`` stays ``fc``) or of the model (``network``) and a ``log_softmax`` layer."""
+        if self.output == "logits":
+            return model
+        children = list(model.named_children()) if isinstance(model, nn.Sequential) else [("network", model)]
+        return nn.Sequential(OrderedDict([*children, ("log_softmax", nn.LogSoftmax(dim=1))]))
 
 
 @dataclass(frozen=True)
@@ -279,7 +310,7 @@ class TransferStudy(Study):
 
     def run(self, run: Run) -> None:
         dataset = run.data.name
-        models = (self.substitute.train_config(dataset).key(), self.target.train_config(dataset).key())
+        models = (self.substitute.key(dataset), self.target.key(dataset))
         cells = {  # all submitted before any is read: with Ray they compute side by side
             strength_label(self.strength, value): run.cell(
                 "transfer",
@@ -308,8 +339,9 @@ class TransferStudy(Study):
     def network(self, run: Run, which: str) -> tuple[nn.Module, float]:
         """The substitute or target trained on the run's data (from the cache), on the run's device, and its
         test accuracy."""
-        trained = load_or_train(getattr(self, which).train_config(run.data.name), device=run.device)
-        return trained.model.to(run.device).eval(), trained.test_accuracy
+        network = getattr(self, which)
+        trained = load_or_train(network.train_config(run.data.name), device=run.device)
+        return network.with_output(trained.model).to(run.device).eval(), trained.test_accuracy
 
 
 def run_transfer_cell(
@@ -342,6 +374,7 @@ def run_transfer_cell(
         "value": value,
         "substitute": study.substitute.architecture,
         "target": study.target.architecture,
+        "target_output": study.target.output,
         "substitute_test_accuracy": substitute_accuracy,
         "target_test_accuracy": target_accuracy,
         "n": len(labels),
@@ -381,7 +414,7 @@ def run_transfer_detector_cell(
     """One detector fitted on the target's clean training images, scored on the target-correct clean
     samples and on each strength's examples: AUC over the transferred ones and over all of them."""
     target, _ = study.network(run, "target")
-    detect = fit_detector(
+    detect, detector = fit_detector_object(
         spec,
         target,
         splits.x_fit,
@@ -394,6 +427,7 @@ def run_transfer_detector_cell(
     y = run.sample.y.numpy()
     correct = predict(target, run.sample.x, run.config.batch_size, run.device).argmax(1) == y
     clean_scores, clean_flags = detect(run.sample.x.numpy())
+    clean_true = true_class_scores(detector, run.sample.x.numpy(), y, run.config.batch_size)
     rows, arrays = {}, {"clean_scores": clean_scores}
     for label in labels:
         cell = run.directory.load_arrays("transfer", label)
@@ -404,8 +438,15 @@ def run_transfer_detector_cell(
         row["auc_all"] = roc_auc(clean_scores[correct], scores[correct]) if correct.any() else None
         if not correct.any() or not transferred.any():
             row["reason"] = "no transferred example" if correct.any() else "no target-correct sample"
+        stem = run.directory.cell_path("transfer", label).stem
+        arrays[f"scores_{stem}"] = scores
+        if clean_true is not None:
+            true = true_class_scores(detector, cell["x_adv"], y, run.config.batch_size)
+            row.update(_true_class_aucs(clean_true[correct], true[correct], transferred[correct]))
+            arrays[f"true_class_scores_{stem}"] = true
         rows[label] = row
-        arrays[f"scores_{run.directory.cell_path('transfer', label).stem}"] = scores
+    if clean_true is not None:
+        arrays["clean_true_class_scores"] = clean_true
     record = {
         "kind": "transfer_detector",
         "label": spec.label,
@@ -416,9 +457,43 @@ def run_transfer_detector_cell(
         "n_fit": len(splits.x_fit),
         "n_target_correct": int(correct.sum()),
         "clean_fpr": float(clean_flags[correct].mean()) if correct.any() else None,
+        "true_class": clean_true is not None,
         "rows": rows,
     }
     return record, arrays
+
+
+def true_class_scores(detector: object, x: np.ndarray, y: np.ndarray, batch_size: int) -> np.ndarray | None:
+    """-log p(h(x_i) | y_i) (N,): a per-class density detector (I-defender, LRP signatures) scoring each
+    sample under its TRUE class's mixture, not its predicted one; None for a detector without per-class
+    likelihoods (``log_likelihood``) of ours.
+
+    Seed 002 writes eq. 4 for "an input x in the c-th class" and eq. 5 as Reject(x, c) without saying, for
+    a test input, whether c is its label or its prediction. Deployed, only the prediction exists (our
+    detectors' score); an evaluation knows the label. The study reports both, this one as a reading no
+    deployed detector can use. On model F's output a fooled example's state, heading for another class, is
+    unlikely under its own class's mixture (AUC up, the reading Table 5's figures match); on a hidden state
+    before the last layer it can stay close to it (on the digits CNN of the tests the AUC goes down).
+    """
+    plugin = getattr(detector, "plugin_", None)
+    if not callable(getattr(plugin, "log_likelihood", None)):
+        return None
+    plugin.batch_size = batch_size
+    with torch.no_grad():
+        log_likelihood = plugin.log_likelihood(torch.as_tensor(x, device=plugin.classifier.device))
+    return -log_likelihood.cpu().numpy()[np.arange(len(y)), y]
+
+
+def _true_class_aucs(clean: np.ndarray, adversarial: np.ndarray, transferred: np.ndarray) -> dict[str, Any]:
+    """True-class scores' AUCs over the target-correct samples: ``clean`` and ``adversarial`` scores of the
+    same samples, ``transferred`` which examples fool the target; clean against the transferred examples
+    (``auc_true_class``) and against every example (``auc_all_true_class``)."""
+    if not len(clean):
+        return {"auc_true_class": None, "auc_all_true_class": None}
+    return {
+        "auc_true_class": roc_auc(clean, adversarial[transferred]) if transferred.any() else None,
+        "auc_all_true_class": roc_auc(clean, adversarial),
+    }
 
 
 # -------------------------------------------------------------------------------------------------
@@ -427,9 +502,10 @@ def run_transfer_detector_cell(
 
 def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
     """Seed 002 Table 5 beside ours: per strength the transfer ASR and each detector's AUC, the paper's
-    I-defender AUC and our gap to it; one ROC figure per detector over the strengths."""
+    I-defender AUC and our gap to it; the same scored under the true class for the detectors with per-class
+    likelihoods; one ROC figure per detector over the strengths."""
     from . import figures
-    from .report import failed_lines, fmt, table
+    from .report import failed_lines, fmt
 
     cells = results.get("transfers") or {}
     detectors = results.get("transfer_detectors") or {}
@@ -451,29 +527,26 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
             "Paper: seed 002 Table 5, I-defender (F-MNIST, FGSM from model E to model F).",
         ]
     header = ["strength", "n target-correct", "n transferred", "transfer ASR", "substitute ASR"]
-    for label in fitted:
-        header += [f"AUC {label}", f"AUC all {label}"]
-    header += ["paper I-defender AUC (Table 5)"]
-    rows = []
-    for label, cell in done.items():
-        row: list[object] = [label, cell["n_target_correct"], cell["n_transferred"], cell["asr"]]
-        row.append(cell["substitute_asr"])
-        for detector in fitted.values():
-            found = detector["rows"].get(label, {})
-            row += [found.get("auc"), found.get("auc_all")]
-        paper = cell["paper_auc"]
-        rows.append([*row, "n/a" if paper is None else f"{paper:.4f}"])  # as printed in Table 5
+    rows = [
+        [label, cell["n_target_correct"], cell["n_transferred"], cell["asr"], cell["substitute_asr"]]
+        for label, cell in done.items()
+    ]
     if rows:
-        lines += ["", table(header, rows)]
-    for label, detector in fitted.items():
-        gaps = [
-            detector["rows"][strength]["auc"] - cell["paper_auc"]
-            for strength, cell in done.items()
-            if cell["paper_auc"] is not None and detector["rows"].get(strength, {}).get("auc") is not None
+        lines += ["", _auc_table(header, rows, done, fitted, ("auc", "auc_all"))]
+        lines += _gap_lines(done, fitted, ("auc", "auc_all"), "")
+    conditioned = {label: cell for label, cell in fitted.items() if cell.get("true_class")}
+    if done and conditioned:
+        lines += [
+            "",
+            "Scored under the TRUE class's mixture instead of the predicted one (eq. 4 read with c the "
+            "sample's label): an evaluation knows the label, a deployed detector does not, so no deployed "
+            "detector gets these figures; printed because the paper does not say which class it scores "
+            "under.",
+            "",
+            _auc_table(["strength"], [[label] for label in done], done, conditioned, _TRUE_CLASS_COLUMNS),
         ]
-        if gaps:
-            worst = max(gaps, key=abs)
-            lines += ["", f"{label}: largest gap to the paper's I-defender AUC {worst:+.4f} (ours - paper)."]
+        lines += _gap_lines(done, conditioned, _TRUE_CLASS_COLUMNS, " (true class)")
+    for label, detector in fitted.items():
         rocs = {
             strength: {"fpr": row["roc"]["fpr"], "tpr": row["roc"]["tpr"], "auc": row["auc"]}
             for strength, row in detector["rows"].items()
@@ -485,3 +558,54 @@ def report_section(results: Mapping[str, Any], run: RunDirectory) -> str:
             lines += ["", f"![ROC {label}](figures/{path.name})"]
     lines += failed_lines({**cells, **detectors})
     return "\n".join(lines)
+
+
+_TRUE_CLASS_COLUMNS = ("auc_true_class", "auc_all_true_class")
+_COLUMN_NAMES = {"auc": "AUC", "auc_all": "AUC all", "auc_true_class": "AUC", "auc_all_true_class": "AUC all"}
+
+
+def _auc_table(
+    header: list[str],
+    rows: list[list[object]],
+    done: Mapping[str, Any],
+    fitted: Mapping[str, Any],
+    columns: Sequence[str],
+) -> str:
+    """``rows`` (one per finished strength, in ``done``'s order) extended by each detector's ``columns``
+    and the paper's AUC."""
+    from .report import table
+
+    header = [*header, *(f"{_COLUMN_NAMES[c]} {label}" for label in fitted for c in columns)]
+    header.append("paper I-defender AUC (Table 5)")
+    extended = []
+    for row, (strength, cell) in zip(rows, done.items(), strict=True):
+        found = [detector["rows"].get(strength, {}).get(c) for detector in fitted.values() for c in columns]
+        paper = cell["paper_auc"]
+        extended.append([*row, *found, "n/a" if paper is None else f"{paper:.4f}"])  # as Table 5 prints it
+    return table(header, extended)
+
+
+def _gap_lines(
+    done: Mapping[str, Any], fitted: Mapping[str, Any], columns: Sequence[str], reading: str
+) -> list[str]:
+    """Per detector, the largest gap (ours - paper) of each of ``columns`` over the paper's strengths."""
+    lines = []
+    for label, detector in fitted.items():
+        parts = []
+        for column in columns:
+            gaps = [
+                detector["rows"][strength][column] - cell["paper_auc"]
+                for strength, cell in done.items()
+                if cell["paper_auc"] is not None
+                and detector["rows"].get(strength, {}).get(column) is not None
+            ]
+            if gaps:
+                parts.append(f"{_COLUMN_NAMES[column]} {max(gaps, key=abs):+.4f}")
+        if parts:
+            lines += [
+                "",
+                f"{label}{reading}: largest gap to the paper's I-defender AUC (ours - paper): "
+                + ", ".join(parts)
+                + ".",
+            ]
+    return lines

@@ -12,6 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from xaiadv.bridge.art import IDefenderDetector
+from xaiadv.bridge.registry import art_classifier
 from xaiadv.evaluation import transfer_study
 from xaiadv.evaluation.config import ConfigError, load_config
 from xaiadv.evaluation.models import load_or_train, model_e, model_f
@@ -38,6 +40,7 @@ target = { architecture = "reference_cnn", width = 8, epochs = 10, max_train = 1
 strengths = [0.1, 0.3]
 detectors = [
   "I-defender",
+  { name = "xaiadv:KNNDetector", label = "kNN" },
   { name = "xaiadv:IDefenderDetector", label = "too many components", params = { n_components = 500 } },
 ]
 """
@@ -81,6 +84,7 @@ def test_the_study_is_registered_and_defaults_to_the_papers_setting() -> None:
         "max_train": None,
         "width": 32,
         "seed": 0,
+        "output": "logits",
     }
 
 
@@ -105,6 +109,31 @@ def test_models_e_and_f_have_table_1s_layers() -> None:
     assert f.fc.in_features == 128 * 5 * 5 and f(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match=r"input_shape: model F needs H, W >= 11"):
         model_f((1, 8, 8), 10)
+
+
+def test_a_log_softmax_output_keeps_the_classifier_its_gradients_and_its_layer_names() -> None:
+    torch.manual_seed(0)
+    f = model_f((1, 28, 28), 10)
+    wrapped = Network(architecture="F", output="log_softmax").with_output(f)
+    assert [name for name, _ in wrapped.named_children()] == [
+        "conv1",
+        "relu1",
+        "conv2",
+        "relu2",
+        "flatten",
+        "fc",
+        "log_softmax",
+    ]
+    assert wrapped.fc is f.fc  # the same weights: a detector's layer = "fc" is the logits' layer
+    x = torch.rand(6, 1, 28, 28, requires_grad=True)
+    y = torch.arange(6)
+    torch.testing.assert_close(wrapped(x), torch.log_softmax(f(x), 1))
+    (grad_logits,) = torch.autograd.grad(torch.nn.functional.cross_entropy(f(x), y), x)
+    (grad_wrapped,) = torch.autograd.grad(torch.nn.functional.cross_entropy(wrapped(x), y), x)
+    torch.testing.assert_close(grad_wrapped, grad_logits)  # log_softmax is idempotent
+    e = model_e((1, 28, 28), 10)
+    assert Network(output="logits").with_output(e) is e
+    assert Network(output="log_softmax").key("digits") == Network().key("digits") + "+log_softmax"
 
 
 def test_the_transfer_cells_hold_the_target_asr_of_a_hand_written_fgsm(
@@ -167,6 +196,53 @@ def test_the_detector_cell_scores_the_transferred_examples_on_the_target(
     assert aucs["eps=0.1"] >= 0.85 and aucs["eps=0.3"] >= 0.9
 
 
+def test_the_true_class_reading_scores_each_sample_under_its_label(finished: RunResult, strict_json) -> None:
+    """Where the target predicts the label the true-class score is the detector's own (the same mixture);
+    where a transferred example fools it, another mixture's; its AUCs equal scikit-learn's on the arrays."""
+    results = strict_json(finished.directory / "results.json")
+    cell = results["transfer_detectors"]["I-defender"]
+    assert cell["true_class"] is True
+    arrays = np.load(finished.directory / "arrays" / f"transfer_detector-{slug('I-defender')}.npz")
+    y = np.load(finished.directory / "arrays" / f"sample-{slug('sample')}.npz")["y"]
+    clean, clean_true = arrays["clean_scores"], arrays["clean_true_class_scores"]
+    for label, row in cell["rows"].items():
+        transfer = np.load(finished.directory / "arrays" / f"transfer-{slug(label)}.npz")
+        correct, transferred = transfer["target_clean"] == y, transfer["transferred"]
+        np.testing.assert_allclose(clean_true[correct], clean[correct])
+        scores, true = (
+            arrays[f"scores_transfer-{slug(label)}"],
+            arrays[f"true_class_scores_transfer-{slug(label)}"],
+        )
+        kept = transfer["target_adversarial"] == y
+        np.testing.assert_allclose(true[kept], scores[kept])
+        assert transferred.any() and not np.allclose(true[transferred], scores[transferred])
+        truth = np.repeat([0, 1], [correct.sum(), transferred.sum()])
+        oracle = roc_auc_score(truth, np.concatenate([clean_true[correct], true[transferred]]))
+        assert row["auc_true_class"] == pytest.approx(oracle)
+        every = roc_auc_score(
+            np.repeat([0, 1], correct.sum()), np.concatenate([clean_true[correct], true[correct]])
+        )
+        assert row["auc_all_true_class"] == pytest.approx(every)
+    knn = results["transfer_detectors"]["kNN"]
+    assert knn["status"] == "done" and knn["true_class"] is False
+    assert all("auc_true_class" not in row for row in knn["rows"].values())
+
+
+def test_true_class_scores_are_the_label_s_mixture_under_scikit_learn(tiny_model) -> None:
+    model = tiny_model("mlp", channels=1, side=8, classes=3, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(90, 1, 8, 8, generator=generator)
+    y = np.arange(90) % 3
+    detector = IDefenderDetector(art_classifier(model, (1, 8, 8), (0.0, 1.0), None), n_components=1)
+    detector.fit(x.numpy(), y)
+    found = transfer_study.true_class_scores(detector, x[:20].numpy(), y[:20], 7)
+    plugin = detector.plugin_
+    hidden = plugin.hidden(x[:20]).numpy()
+    oracle = [-plugin.mixtures_[label].score_samples(hidden[i : i + 1])[0] for i, label in enumerate(y[:20])]
+    np.testing.assert_allclose(found, oracle, rtol=1e-9)
+    assert transfer_study.true_class_scores(object(), x.numpy(), y, 7) is None
+
+
 def test_a_detector_that_cannot_be_fitted_is_a_failed_cell_and_the_run_goes_on(
     finished: RunResult, strict_json
 ) -> None:
@@ -188,17 +264,31 @@ def test_the_report_prints_table_5_beside_ours_with_a_roc_figure(finished: RunRe
     section = report.split("## Black-box transfer (seed 002 section 4.1, Tables 1-5)")[1].split("\n## ")[0]
     assert (
         "| strength | n target-correct | n transferred | transfer ASR | substitute ASR | AUC I-defender | "
-        "AUC all I-defender | paper I-defender AUC (Table 5) |" in section
+        "AUC all I-defender | AUC kNN | AUC all kNN | paper I-defender AUC (Table 5) |" in section
     )
     lines = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| eps=")}
     assert lines["| eps=0.1"].endswith("| 0.9302 |") and lines["| eps=0.3"].endswith("| 0.9850 |")
     rows = results["transfer_detectors"]["I-defender"]["rows"]
     worst = max((rows[k]["auc"] - PAPER_TABLE_5[v] for k, v in (("eps=0.1", 0.1), ("eps=0.3", 0.3))), key=abs)
-    assert f"I-defender: largest gap to the paper's I-defender AUC {worst:+.4f} (ours - paper)." in section
+    worst_all = max(
+        (rows[k]["auc_all"] - PAPER_TABLE_5[v] for k, v in (("eps=0.1", 0.1), ("eps=0.3", 0.3))), key=abs
+    )
+    gap = f"I-defender: largest gap to the paper's I-defender AUC (ours - paper): AUC {worst:+.4f}, AUC all "
+    assert f"{gap}{worst_all:+.4f}." in section
+    true = section.split("Scored under the TRUE class's mixture")[1]
+    assert "| strength | AUC I-defender | AUC all I-defender | paper I-defender AUC (Table 5) |" in true
+    assert "kNN" not in true.split("\n\n")[1]  # no per-class likelihoods: no true-class column
+    true_rows = {
+        line.split(" | ")[0]: line.split(" | ") for line in true.splitlines() if line.startswith("| eps=")
+    }
+    assert true_rows["| eps=0.1"][1] == f"{rows['eps=0.1']['auc_true_class']:.3g}"
+    assert "I-defender (true class): largest gap to the paper's I-defender AUC (ours - paper): AUC " in true
     assert "- too many components: ValueError: class 0 has 62 fitting samples" in section
-    (image,) = [line.split("](")[1].rstrip(")") for line in section.splitlines() if line.startswith("![")]
-    data = (finished.directory / image).read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    images = [line.split("](")[1].rstrip(")") for line in section.splitlines() if line.startswith("![")]
+    assert len(images) == 2  # one ROC figure per fitted detector
+    for image in images:
+        data = (finished.directory / image).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
 def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
@@ -228,7 +318,7 @@ def test_a_rerun_after_an_interrupt_recomputes_only_the_unfinished_cells(
     calls.clear()
     interrupt["at"] = None
     result = run_evaluation(load_config(path))
-    assert calls == ["transfer 0.3", "detector I-defender", "detector too many components"]
+    assert calls == ["transfer 0.3", "detector I-defender", "detector kNN", "detector too many components"]
     assert [cell["status"] for cell in result.results["transfers"].values()] == ["done", "done"]
 
     calls.clear()
@@ -281,6 +371,7 @@ def test_transfer_attack_never_takes_a_gradient_of_the_target() -> None:
         ),
         ({"target": {"epochs": 0}}, r"target.epochs: expected an integer >= 1"),
         ({"target": {"layers": 3}}, r"target: unknown keys \['layers'\]"),
+        ({"target": {"output": "softmax"}}, r"target.output: expected one of \['logits', 'log_softmax'\]"),
         ({"detectors": [3]}, r"detectors: expected a list of detector labels, names or tables"),
     ],
 )
@@ -317,10 +408,36 @@ def test_the_shipped_fashion_mnist_config_reaches_the_papers_auc(tmp_path: Path,
     assert [cell["value"] for cell in transfers.values()] == list(PAPER_TABLE_5)
     asr = [cell["asr"] for cell in transfers.values()]
     assert asr == sorted(asr) and asr[0] > 0.1
-    rows = result.results["transfer_detectors"]["I-defender (logits)"]["rows"]
-    # measured once (9 min 11 s on 2 shared cores): 0.736, 0.840, 0.899, 0.930, 0.948 against the paper's
-    # 0.930 .. 0.985: short of the paper's target (gap -0.19 at eps 0.1, -0.04 at 0.3); floored a little below
-    floors = {"eps=0.1": 0.72, "eps=0.15": 0.82, "eps=0.2": 0.88, "eps=0.25": 0.91, "eps=0.3": 0.93}
-    assert {label: rows[label]["auc"] >= floor for label, floor in floors.items()} == dict.fromkeys(
-        floors, True
-    )
+    check_the_shipped_results(result.results)
+
+
+def check_the_shipped_results(results: dict[str, Any]) -> None:
+    """transfer.toml's figures against those measured (3 min 39 s cold on 2 idle cores, training included).
+
+    Deployed (scored under the predicted class) I-defender falls short of Table 5: logits 0.747 .. 0.957,
+    log-softmax 0.783 .. 0.958 against 0.930 .. 0.985 (gap -0.147 at eps 0.1, -0.027 at 0.3). Scored under
+    the true class, the log-softmax reading over all examples is within 0.03 at every strength (0.917, 0.974,
+    0.991, 0.997, 0.999: gaps -0.013 .. +0.019), the issue's target; floors a little below the rest."""
+    transfers = results["transfers"]
+    assert [cell["value"] for cell in transfers.values()] == list(PAPER_TABLE_5)
+    asr = [cell["asr"] for cell in transfers.values()]
+    assert asr == sorted(asr) and asr[0] > 0.55  # measured 0.621 .. 0.984
+    detectors = results["transfer_detectors"]
+    floors = {  # per reading: (detector, column) -> a floor per strength
+        ("I-defender (logits)", "auc"): (0.73, 0.84, 0.90, 0.93, 0.945),
+        ("I-defender (log-softmax)", "auc"): (0.77, 0.85, 0.90, 0.93, 0.945),
+        ("I-defender (logits)", "auc_true_class"): (0.89, 0.95, 0.97, 0.98, 0.985),
+    }
+    below = {
+        (label, column, strength): detectors[label]["rows"][strength][column]
+        for (label, column), per_strength in floors.items()
+        for strength, floor in zip(transfers, per_strength, strict=True)
+        if detectors[label]["rows"][strength][column] < floor
+    }
+    assert below == {}
+    log_softmax = detectors["I-defender (log-softmax)"]["rows"]
+    gaps = {
+        strength: log_softmax[strength]["auc_all_true_class"] - cell["paper_auc"]
+        for strength, cell in transfers.items()
+    }
+    assert {strength: abs(gap) <= 0.03 for strength, gap in gaps.items()} == dict.fromkeys(transfers, True)
