@@ -157,12 +157,31 @@ class _ARTDetector(EvasionDetector):
         report = {"score": _numpy(decision.score), "threshold": threshold}
         return self._report(report, decision), _numpy(decision.flags)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """``<path>.safetensors`` + ``<path>.json`` (a folder: ``detector.*`` in it), atomically."""
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-able dict): the fitted detector in memory, what :meth:`save` writes and
+        :meth:`from_state` rebuilds (the dict: the adapter's ``config`` and the plugin's ``state``)."""
         self._check_fitted()
         arrays, state = self.plugin_.get_state()
-        name, config, module = type(self).__name__, self.get_params(), self.classifier.model
-        storage.save_detector(path, arrays, name=name, config=config, state=state, module=module)
+        return arrays, {"config": self.get_params(), "state": state}
+
+    @classmethod
+    def from_state(
+        cls, classifier: PyTorchClassifier, arrays: dict[str, np.ndarray], saved: dict[str, Any]
+    ) -> Self:
+        """The detector :meth:`get_state` gave, for ``classifier`` (the one it was fitted with)."""
+        detector = cls(classifier, **saved["config"])
+        detector.plugin_ = cls.plugin_class.from_state(
+            detector._classifier(), arrays, saved["state"], batch_size=128
+        )
+        return detector
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """``<path>.safetensors`` + ``<path>.json`` (a folder: ``detector.*`` in it), atomically."""
+        arrays, saved = self.get_state()
+        name, module = type(self).__name__, self.classifier.model
+        storage.save_detector(
+            path, arrays, name=name, config=saved["config"], state=saved["state"], module=module
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], classifier: PyTorchClassifier) -> Self:
@@ -171,14 +190,13 @@ class _ARTDetector(EvasionDetector):
             raise TypeError(f"classifier must be an ART PyTorchClassifier; got {type(classifier).__name__}")
         arrays, record, version = storage.load_detector(path, names=cls.saved_names, module=classifier.model)
         try:
-            detector = cls(classifier, **record["config"])
-            arrays, state = detector._version_2(arrays, record) if version == 2 else (arrays, record["state"])
-            detector.plugin_ = cls.plugin_class.from_state(
-                detector._classifier(), arrays, state, batch_size=128
-            )
+            if version == 2:
+                arrays, state = cls(classifier, **record["config"])._version_2(arrays, record)
+            else:
+                state = record["state"]
+            return cls.from_state(classifier, arrays, {"config": record["config"], "state": state})
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"{os.fspath(path)} could not be restored ({error}): {storage.REFIT}") from None
-        return detector
 
     def _version_2(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> tuple[dict, dict]:
         """A version-2 save (the adapter's own fitted dict and threshold) as the plugin's ``get_state()``."""

@@ -214,12 +214,17 @@ def fit_detector_object(
     classifier = art_classifier(model, x_fit.shape[1:], BOUNDS, None, _device_type(device))
     detector = detector_registry()[spec.name](classifier, **spec.params)
     detector.fit(x_fit, y_fit, batch_size=batch_size, x_calibration=x_calibration)
+    return scoring(detector, batch_size), detector
+
+
+def scoring(detector: Any, batch_size: int) -> Detect:
+    """The scoring function of a fitted ART detector of ours: (scores, flags) of a batch."""
 
     def detect(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         report, flags = detector.detect(x, batch_size=batch_size)
         return report["score"], flags
 
-    return detect, detector
+    return detect
 
 
 def _fit_peer(
@@ -356,41 +361,53 @@ class DetectorStudy(Study):
 
     def cell_count(self, config: RunConfig) -> int:
         budgets = 0 if self.adaptive is None else len(self.adaptive.eps) + self.adaptive.unbounded
-        return len(config.detectors) * (1 + budgets)
+        fits = sum(not is_trained_peer(spec.name) for spec in config.detectors)
+        return fits + len(config.detectors) * (1 + budgets)
 
     def run(self, run: Run) -> None:
         if not run.config.detectors:
             return
         done = [label for label, cell in run.attacks.items() if cell["status"] == "done"]
-        splits = CleanSplits.of(run)
+        n_calibration = len(CleanSplits.of(run).x_calibration)
+        fits = {  # all submitted before any is read: with Ray they fit side by side
+            spec.label: run.cell(
+                "detector_fit",
+                spec.label,
+                run.key(dataclasses.asdict(spec), run.config.fit_samples, n_calibration),
+                # the splits are rebuilt where the cell runs: a Ray task then carries no fitting images
+                lambda spec=spec: run_detector_fit_cell(spec, run, CleanSplits.of(run)),
+                about={"name": spec.name},
+            )
+            for spec in run.config.detectors
+            if not is_trained_peer(spec.name)
+        }
         for spec in tqdm(run.config.detectors, desc="detectors", disable=not run.progress):
+            fit = fits.get(spec.label)
+            if fit is not None:
+                fit = dict(fit)  # read here, so that the cells below are submitted after the fit finished
             key = run.key(
                 dataclasses.asdict(spec),
                 run.config.fit_samples,
-                len(splits.x_calibration),
+                n_calibration,
                 {label: run.attacks[label]["key"] for label in done},
             )
             run.cell(
                 "detector",
                 spec.label,
                 key,
-                # the splits are rebuilt where the cell runs: a Ray task then carries no fitting images
-                lambda spec=spec: run_detector_cell(spec, run, CleanSplits.of(run), done),
+                lambda spec=spec, fit=fit: run_detector_cell(
+                    spec, run, fitted_detector(spec, run, fit), done
+                ),
                 about={"name": spec.name},
             )
             if self.adaptive is not None:
-                self._adaptive_cells(spec, run, len(splits.x_calibration))
+                self._adaptive_cells(spec, run, n_calibration, fit)
 
-    def _adaptive_cells(self, spec: DetectorSpec, run: Run, n_calibration: int) -> None:
-        """One cell per budget; the detector is fitted (once) only when a cell needs computing."""
+    def _adaptive_cells(
+        self, spec: DetectorSpec, run: Run, n_calibration: int, fit: Mapping[str, Any] | None
+    ) -> None:
+        """One cell per budget, each scoring with the detector its fit cell saved."""
         settings = self.adaptive
-        fitted: list[tuple[Detect, Any]] = []
-
-        def detector() -> tuple[Detect, Any]:
-            if not fitted:
-                fitted.append(_fit_for(spec, run, CleanSplits.of(run)))
-            return fitted[0]
-
         shape, settings_key = tuple(run.sample.x.shape[1:]), dataclasses.asdict(settings)
         for budget, eps in settings.budgets(shape, BOUNDS):
             about = {"name": spec.name, "detector": spec.label, "budget": budget, "eps": eps}
@@ -405,26 +422,53 @@ class DetectorStudy(Study):
                     settings_key,
                     eps,
                 ),
-                lambda about=about: run_adaptive_cell(about, settings, run, detector),
+                lambda about=about: run_adaptive_cell(
+                    about, settings, run, lambda: fitted_detector(spec, run, fit)
+                ),
                 about=about,
             )
 
 
-def run_detector_cell(
-    spec: DetectorSpec, run: Run, splits: CleanSplits, attack_labels: Sequence[str]
+def run_detector_fit_cell(
+    spec: DetectorSpec, run: Run, splits: CleanSplits
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Fit one detector and score the clean sample and each attack's successes: (cell, its arrays)."""
-    config, sample = run.config, run.sample
-    detect = fit_detector(
-        spec,
-        run.model,
-        splits.x_fit,
-        splits.y_fit,
-        x_calibration=splits.x_calibration if len(splits.x_calibration) else None,
-        batch_size=config.batch_size,
-        device=run.device,
-        seed=config.seed,
-    )
+    """Fit one of our detectors on the clean splits, thresholds set: (the cell, with the adapter's
+    ``saved`` config and plugin state; the state's arrays). :func:`fitted_detector` rebuilds it."""
+    _, detector = _fit_for(spec, run, splits)
+    arrays, saved = detector.get_state()
+    cell = {
+        "kind": "detector_fit",
+        "label": spec.label,
+        "name": spec.name,
+        "status": "done",
+        "n_fit": len(splits.x_fit),
+        "n_calibration": len(splits.x_calibration),
+        "saved": saved,
+    }
+    return cell, arrays
+
+
+def fitted_detector(spec: DetectorSpec, run: Run, fit: Mapping[str, Any] | None) -> tuple[Detect, Any]:
+    """The detector a cell scores with: ours rebuilt from its ``detector_fit`` cell (fitted once per run,
+    whatever number of cells reads it), ART's trained peers (``fit`` None) fitted here, having no state
+    format of ours. A failed fit fails the reading cell, naming it."""
+    if fit is None:
+        return _fit_for(spec, run, CleanSplits.of(run))
+    if fit["status"] != "done":
+        raise RuntimeError(f"detector_fit {spec.label!r} failed, so this cell cannot run: {fit['error']}")
+    shape = tuple(run.sample.x.shape[1:])
+    classifier = art_classifier(run.model, shape, BOUNDS, None, _device_type(run.device))
+    arrays = run.directory.load_arrays("detector_fit", spec.label)
+    detector = detector_registry()[spec.name].from_state(classifier, arrays, fit["saved"])
+    return scoring(detector, run.config.batch_size), detector
+
+
+def run_detector_cell(
+    spec: DetectorSpec, run: Run, fitted: tuple[Detect, Any], attack_labels: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Score the clean sample and each attack's successes with one fitted detector: (cell, its arrays)."""
+    sample, splits = run.sample, CleanSplits.of(run)
+    detect, _ = fitted
     correct = sample.initially_correct
     clean_scores, clean_flags = detect(sample.x.numpy())
     rows = {

@@ -133,7 +133,7 @@ class Run:
     progress: bool = False
     executor: Executor = field(default_factory=LocalExecutor)
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    kinds: list[str] = field(default_factory=lambda: ["attack", "detector"])
+    kinds: list[str] = field(default_factory=lambda: ["attack", "detector_fit", "detector"])
     order: dict[str, list[str]] = field(default_factory=dict)  # each kind's labels as the run asked
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -23,8 +23,9 @@ import numpy as np
 from xaiadv.plugins.storage import atomic_write
 
 #: results.json's layout. 2: the explanation studies' cells (heatmaps, signatures); 3: the retraining,
-#: transfer, vanishing-gradient and adaptive cells (retrainings, transfers, vanishings, adaptives).
-SCHEMA_VERSION = 3
+#: transfer, vanishing-gradient and adaptive cells (retrainings, transfers, vanishings, adaptives); 4: each
+#: detector of ours fitted in its own cell (detector_fits: the saved config and state, arrays in arrays/).
+SCHEMA_VERSION = 4
 
 
 def key_of(*parts: object) -> str:

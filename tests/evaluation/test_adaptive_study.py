@@ -30,6 +30,7 @@ from xaiadv.evaluation.adaptive_study import (
 from xaiadv.evaluation.config import ConfigError, load_config
 from xaiadv.evaluation.detector_study import DetectorStudy
 from xaiadv.evaluation.run import RunResult, run_evaluation
+from xaiadv.evaluation.rundir import RunDirectory
 from xaiadv.plugins.adaptive import AdaptiveConfig
 from xaiadv.plugins.detectors import IDefender
 
@@ -364,3 +365,43 @@ def test_the_shipped_config_bypasses_every_detector_at_ten_levels(
         plain, adaptive = (at_ten[attack]["bypass_rate"] for attack in ("non_adaptive", "adaptive"))
         assert adaptive >= 0.84 and adaptive >= plain + 0.2, (detector, adaptive, plain)
         assert cells[f"{detector} | Linf unbounded"]["adaptive"]["bypass_rate"] >= 0.9, detector
+
+
+def test_each_detector_of_ours_is_fitted_once_in_its_own_cell_and_scores_as_fitted(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
+) -> None:
+    """The detector cell and both budgets' adaptive cells read the one detector_fit cell's saved state
+    (the oracle: the detector as fitted, in memory, scores the sample as the cell's reloaded one did);
+    ART's trained peer has no state of ours and is fitted in each of its three cells."""
+    adaptive = "{ eps = [0.1, 0.2], max_iter = 3, search_steps = 1, samples = 8, unbounded = false }"
+    text = BASE.format(output=tmp_path / "out") + MORE_DETECTORS + STUDY.replace("{}", adaptive)
+    config = load_config(write_config(tmp_path, text))
+    fitted: dict[str, list[Any]] = {}
+    real = detector_study.fit_detector_object
+
+    def counted(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        detect, detector = real(spec, *args, **kwargs)
+        fitted.setdefault(spec.label, []).append(detect)
+        return detect, detector
+
+    monkeypatch.setattr(detector_study, "fit_detector_object", counted)
+    result = run_evaluation(config)
+    assert result.results["complete"] is True
+    assert {label: len(fits) for label, fits in fitted.items()} == {
+        "I-defender": 1,
+        "kNN (DW-kNN)": 1,
+        "ART binary input": 3,
+    }
+    fits = result.results["detector_fits"]
+    assert list(fits) == ["I-defender", "kNN (DW-kNN)"]
+    assert fits["I-defender"]["n_fit"] == 400 and fits["I-defender"]["saved"]["config"]["n_components"] == 2
+    directory = RunDirectory(result.directory)
+    (sample,) = (result.directory / "arrays").glob("sample-*.npz")
+    x = np.load(sample)["x"]
+    for label in fits:
+        scores = directory.load_arrays("detector", label)["clean_scores"]
+        np.testing.assert_array_equal(scores, fitted[label][0](x)[0], err_msg=label)
+
+    again = run_evaluation(config)  # every cell reused: nothing refitted
+    assert again.results["detectors"] == result.results["detectors"]
+    assert sum(map(len, fitted.values())) == 5

@@ -86,7 +86,7 @@ def _check_pngs(directory: Path, images: list[str]) -> None:
 
 def test_the_heatmap_study_writes_its_numbers_section_and_figures(finished: RunResult, strict_json) -> None:
     results = strict_json(finished.directory / "results.json")
-    assert results["schema_version"] == SCHEMA_VERSION == 3 and results["complete"] is True
+    assert results["schema_version"] == SCHEMA_VERSION == 4 and results["complete"] is True
     assert list(results["heatmaps"]) == ["LRP-grad", "PGD (torchattacks)", "too weak"]
     weak = results["heatmaps"].pop("too weak")  # an attack without success: a done cell of null numbers
     assert weak["status"] == "done" and weak["n"] == results["attacks"]["too weak"]["n_success"] == 0

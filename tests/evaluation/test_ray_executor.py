@@ -150,7 +150,7 @@ def test_ray_gives_the_local_executor_s_results(local_ray: None, tmp_path: Path)
     assert list(remote.results["attacks"]) == ["PGD", "LRP-grad"]  # the config's order, not arrival's
     executor = json.loads((remote.directory / "environment.json").read_text())["executor"]
     assert executor["kind"] == "ray" and executor["cluster_resources"]["CPU"] == 2.0
-    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"}
+    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector_fit/kNN", "detector/kNN"}
     assert all(node for node in executor["cells"].values())
     for name in ("attack-pgd", "detector-knn"):
         [saved] = (remote.directory / "cells").glob(f"{name}-*.json")
@@ -173,14 +173,17 @@ def test_an_interrupted_driver_resumes_computing_only_the_rest(
         return record(self, task, outcome)
 
     monkeypatch.setattr(Run, "record", interrupted_after_one)
-    with pytest.raises(RunInterrupted, match="1 of 3 cells finished"):
+    with pytest.raises(RunInterrupted, match="1 of 4 cells finished"):
         run_evaluation(config)
     first = computed(tmp_path / "ray")
     assert len(first) == 1 and first < {"attack/PGD", "attack/LRP-grad"}
     monkeypatch.setattr(Run, "record", record)
     result = run_evaluation(config)
     assert result.results["complete"] is True
-    assert computed(result.directory) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"} - first
+    assert (
+        computed(result.directory)
+        == {"attack/PGD", "attack/LRP-grad", "detector_fit/kNN", "detector/kNN"} - first
+    )
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ def test_the_cli_s_executor_flag_overrides_the_config_s_both_ways(
     assert main(["run", str(tmp_path / "run.toml"), "--executor", "ray"]) == 0
     executor = json.loads((tmp_path / "ray" / "environment.json").read_text())["executor"]
     assert executor["kind"] == "ray" and executor["cluster_resources"]["CPU"] == 2.0  # the test's Ray
-    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"}
+    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector_fit/kNN", "detector/kNN"}
     # a config that asks for an unreachable cluster runs locally with --executor local (no address kept)
     path = tmp_path / "run.toml"
     path.write_text(
@@ -288,7 +291,7 @@ def test_the_cli_s_executor_flag_overrides_the_config_s_both_ways(
     assert main(["run", str(path), "--executor", "local"]) == 0
     executor = json.loads((tmp_path / "local" / "environment.json").read_text())["executor"]
     assert executor["kind"] == "local" and "cluster_resources" not in executor
-    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector/kNN"}
+    assert set(executor["cells"]) == {"attack/PGD", "attack/LRP-grad", "detector_fit/kNN", "detector/kNN"}
     assert "report:" in capsys.readouterr().out
 
 

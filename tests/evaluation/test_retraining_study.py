@@ -478,9 +478,10 @@ def check_the_shipped_results(results: dict[str, Any], directory: Path) -> None:
         assert own >= floor and own > clear["transferred"][label]["accuracy"] + 0.2, (label, own, measured)
         assert models[label]["test_accuracy"] > 0.83, label  # measured 0.842 .. 0.863
     reattacks = results["reattacks"]
-    # measured: FGSM 0.423 on its immune model against 0.634 on the clear one, IFGSM 0.692 against 0.857
-    assert reattacks["FGSM / FGSM"]["asr"] < 0.46 < attacks["FGSM"]["asr"]
-    assert reattacks["IFGSM / IFGSM"]["asr"] < 0.73 < attacks["IFGSM"]["asr"]
+    # measured on two machines (their CPUs train other weights from the same seed): FGSM 0.423 and 0.474 on
+    # its immune model against 0.634 and 0.624 on the clear one, IFGSM 0.692 and 0.67 against 0.857 and 0.867
+    for label in ("FGSM", "IFGSM"):
+        assert reattacks[f"{label} / {label}"]["asr"] < attacks[label]["asr"] - 0.1, label
     heatmaps = results["retrained_heatmaps"]
     assert list(heatmaps) == list(OWN_TRANSFERRED)
     for label, cell in heatmaps.items():

@@ -85,7 +85,7 @@ def _without_timing(results: dict[str, Any]) -> dict[str, Any]:
 def test_a_run_writes_results_report_and_figures(finished: run.RunResult) -> None:
     results = json.loads((finished.directory / "results.json").read_text())
     assert results == json.loads(json.dumps(finished.results))
-    assert results["complete"] is True and results["schema_version"] == SCHEMA_VERSION == 3
+    assert results["complete"] is True and results["schema_version"] == SCHEMA_VERSION == 4
     environment = json.loads((finished.directory / "environment.json").read_text())
     assert environment == results["environment"] and environment["seed"] == 0
     assert environment["packages"]["torch"] and environment["device"] == "cpu"
@@ -188,9 +188,10 @@ def test_a_rerun_reuses_finished_cells_and_an_interrupted_run_never_claims_compl
     assert result.results["complete"] is True
 
     calls.clear()
-    monkeypatch.setattr(detector_study, "fit_detector", lambda *a, **k: pytest.fail("detector refitted"))
+    refit = lambda *a, **k: pytest.fail("detector refitted")  # noqa: E731
+    monkeypatch.setattr(detector_study, "fit_detector_object", refit)
     again = run_evaluation(config)
-    assert calls == []  # attack and detector cells reused
+    assert calls == []  # attack, detector fit and detector cells reused
     assert again.results["detectors"] == result.results["detectors"]
 
 
@@ -258,10 +259,18 @@ def test_a_detector_that_raises_is_a_failed_cell(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("no features")
 
-    monkeypatch.setattr(detector_study, "fit_detector", broken)
+    monkeypatch.setattr(detector_study, "fit_detector_object", broken)
     result = run_evaluation(load_config(write_config(tmp_path, tmp_path / "out")))
     assert result.results["complete"] is False
-    assert result.failed_cells == [{"kind": "detector", "label": "kNN", "error": "ValueError: no features"}]
+    assert result.failed_cells == [
+        {"kind": "detector_fit", "label": "kNN", "error": "ValueError: no features"},
+        {
+            "kind": "detector",
+            "label": "kNN",
+            "error": "RuntimeError: detector_fit 'kNN' failed, so this cell cannot run: "
+            "ValueError: no features",
+        },
+    ]
     assert all(cell["status"] == "done" for cell in result.results["attacks"].values())
 
 
@@ -280,7 +289,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_hint_and_exits_130(
     assert main(["run", str(path)]) == 130
     captured = capsys.readouterr()
     assert captured.err.endswith(  # after the progress bars, one line
-        f"\nxaiadv run: interrupted; 2 of 4 cells finished and are saved in {tmp_path / 'out'}; "
+        f"\nxaiadv run: interrupted; 2 of 5 cells finished and are saved in {tmp_path / 'out'}; "
         "rerun the same command to resume\n"
     )
     assert "Traceback" not in captured.out + captured.err
@@ -296,7 +305,7 @@ def test_ctrl_c_before_any_cell_says_none_finished(
     monkeypatch.setattr(run, "load_dataset", interrupted)
     assert main(["run", str(write_config(tmp_path, tmp_path / "out"))]) == 130
     assert capsys.readouterr().err == (
-        f"xaiadv run: interrupted; 0 of 4 cells finished and are saved in {tmp_path / 'out'}; "
+        f"xaiadv run: interrupted; 0 of 5 cells finished and are saved in {tmp_path / 'out'}; "
         "rerun the same command to resume\n"
     )
 
@@ -547,7 +556,7 @@ def test_report_refuses_another_schema_and_damaged_results(finished: run.RunResu
     shutil.copytree(finished.directory, copy)
     results = json.loads((copy / "results.json").read_text())
     (copy / "results.json").write_text(json.dumps({**results, "schema_version": 99}))
-    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 3: run the config again"):
+    with pytest.raises(ValueError, match=r"has schema version 99; this xaiadv reads 4: run the config again"):
         render_report(copy)
     del results["attacks"]["LRP-grad"]["norms"]
     (copy / "results.json").write_text(json.dumps(results))
