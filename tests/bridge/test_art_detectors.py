@@ -395,6 +395,21 @@ def test_get_params_round_trip(cls, classifier) -> None:
 
 
 @pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
+def test_get_state_and_from_state_rebuild_the_detector_in_memory(cls, fitted, classifier, data) -> None:
+    """What a run's detector_fit cell keeps: arrays copied out (the detector's own are not shared) and a
+    JSON-able dict; from_state gives the same parameters, threshold and scores."""
+    detector = fitted[cls]
+    arrays, saved = detector.get_state()
+    assert set(saved) == {"config", "state"} and saved == json.loads(json.dumps(saved))
+    rebuilt = cls.from_state(classifier, {k: np.array(v) for k, v in arrays.items()}, saved)
+    assert rebuilt.get_params() == detector.get_params()
+    np.testing.assert_array_equal(np.asarray(rebuilt.threshold_), np.asarray(detector.threshold_))
+    x = data["x_test"]
+    np.testing.assert_array_equal(rebuilt.detect(x)[0]["score"], detector.detect(x)[0]["score"])
+    np.testing.assert_array_equal(rebuilt.detect(x)[1], detector.detect(x)[1])
+
+
+@pytest.mark.parametrize("cls", DETECTORS, ids=NAME.get)
 def test_save_load_gives_identical_scores(cls, fitted, classifier, data, tmp_path: Path) -> None:
     detector = fitted[cls]
     detector.save(tmp_path / "detector")
