@@ -361,26 +361,19 @@ class DetectorStudy(Study):
 
     def cell_count(self, config: RunConfig) -> int:
         budgets = 0 if self.adaptive is None else len(self.adaptive.eps) + self.adaptive.unbounded
-        fits = sum(not is_trained_peer(spec.name) for spec in config.detectors)
-        return fits + len(config.detectors) * (1 + budgets)
+        fits = {
+            (spec.name, repr(sorted(fit_params(spec).items())))
+            for spec in config.detectors
+            if not is_trained_peer(spec.name)
+        }
+        return len(fits) + len(config.detectors) * (1 + budgets)
 
     def run(self, run: Run) -> None:
         if not run.config.detectors:
             return
         done = [label for label, cell in run.attacks.items() if cell["status"] == "done"]
         n_calibration = len(CleanSplits.of(run).x_calibration)
-        fits = {  # all submitted before any is read: with Ray they fit side by side
-            spec.label: run.cell(
-                "detector_fit",
-                spec.label,
-                run.key(dataclasses.asdict(spec), run.config.fit_samples, n_calibration),
-                # the splits are rebuilt where the cell runs: a Ray task then carries no fitting images
-                lambda spec=spec: run_detector_fit_cell(spec, run, CleanSplits.of(run)),
-                about={"name": spec.name},
-            )
-            for spec in run.config.detectors
-            if not is_trained_peer(spec.name)
-        }
+        fits = self._fit_cells(run, n_calibration)
         for spec in tqdm(run.config.detectors, desc="detectors", disable=not run.progress):
             fit = fits.get(spec.label)
             if fit is not None:
@@ -402,6 +395,29 @@ class DetectorStudy(Study):
             )
             if self.adaptive is not None:
                 self._adaptive_cells(spec, run, n_calibration, fit)
+
+    def _fit_cells(self, run: Run, n_calibration: int) -> dict[str, Mapping[str, Any]]:
+        """One ``detector_fit`` cell per distinct fit of our detectors, all submitted before any is read
+        (with Ray they fit side by side): per detector label, its fit cell. Detectors that differ only in
+        parameters that move the threshold (I-defender's ``keep``: ID-95 and ID-99) share one fit, labelled
+        by the first of them; each rebuilds it with its own threshold (:func:`fitted_detector`)."""
+        cells: dict[str, Mapping[str, Any]] = {}
+        by_label: dict[str, Mapping[str, Any]] = {}
+        for spec in run.config.detectors:
+            if is_trained_peer(spec.name):
+                continue
+            key = run.key(spec.name, fit_params(spec), run.config.fit_samples, n_calibration)
+            if key not in cells:
+                cells[key] = run.cell(
+                    "detector_fit",
+                    spec.label,
+                    key,
+                    # the splits are rebuilt where the cell runs: a Ray task then carries no fitting images
+                    lambda spec=spec: run_detector_fit_cell(spec, run, CleanSplits.of(run)),
+                    about={"name": spec.name},
+                )
+            by_label[spec.label] = cells[key]
+        return by_label
 
     def _adaptive_cells(
         self, spec: DetectorSpec, run: Run, n_calibration: int, fit: Mapping[str, Any] | None
@@ -448,18 +464,29 @@ def run_detector_fit_cell(
     return cell, arrays
 
 
+def fit_params(spec: DetectorSpec) -> dict[str, Any]:
+    """The parameters of one of our detectors that its fit depends on: all but those that only move the
+    threshold (the adapter's ``threshold_params``)."""
+    moves_threshold = detector_registry()[spec.name].threshold_params
+    return {key: value for key, value in spec.params.items() if key not in moves_threshold}
+
+
 def fitted_detector(spec: DetectorSpec, run: Run, fit: Mapping[str, Any] | None) -> tuple[Detect, Any]:
     """The detector a cell scores with: ours rebuilt from its ``detector_fit`` cell (fitted once per run,
-    whatever number of cells reads it), ART's trained peers (``fit`` None) fitted here, having no state
-    format of ours. A failed fit fails the reading cell, naming it."""
+    whatever number of cells reads it) and set to ``spec``'s threshold parameters (re-calibrated from the
+    fit's kept clean scores, as a fit at them would be); ART's trained peers (``fit`` None) fitted here,
+    having no state format of ours. A failed fit fails the reading cell, naming it."""
     if fit is None:
         return _fit_for(spec, run, CleanSplits.of(run))
     if fit["status"] != "done":
-        raise RuntimeError(f"detector_fit {spec.label!r} failed, so this cell cannot run: {fit['error']}")
+        raise RuntimeError(f"detector_fit {fit['label']!r} failed, so this cell cannot run: {fit['error']}")
     shape = tuple(run.sample.x.shape[1:])
     classifier = art_classifier(run.model, shape, BOUNDS, None, _device_type(run.device))
-    arrays = run.directory.load_arrays("detector_fit", spec.label)
-    detector = detector_registry()[spec.name].from_state(classifier, arrays, fit["saved"])
+    arrays = run.directory.load_arrays("detector_fit", fit["label"])
+    cls = detector_registry()[spec.name]
+    detector = cls.from_state(classifier, arrays, fit["saved"])
+    defaults = {**cls.plugin_params, **cls.calibration_params}
+    detector.set_params(**{key: spec.params.get(key, defaults[key]) for key in cls.threshold_params})
     return scoring(detector, run.config.batch_size), detector
 
 

@@ -29,7 +29,7 @@ from xaiadv.evaluation.adaptive_study import (
 )
 from xaiadv.evaluation.config import ConfigError, load_config
 from xaiadv.evaluation.detector_study import DetectorStudy
-from xaiadv.evaluation.run import RunResult, run_evaluation
+from xaiadv.evaluation.run import RunResult, cell_count, run_evaluation
 from xaiadv.evaluation.rundir import RunDirectory
 from xaiadv.plugins.adaptive import AdaptiveConfig
 from xaiadv.plugins.detectors import IDefender
@@ -405,3 +405,39 @@ def test_each_detector_of_ours_is_fitted_once_in_its_own_cell_and_scores_as_fitt
     again = run_evaluation(config)  # every cell reused: nothing refitted
     assert again.results["detectors"] == result.results["detectors"]
     assert sum(map(len, fitted.values())) == 5
+
+
+ID_99 = """
+[[detectors]]
+name = "xaiadv:IDefenderDetector"
+label = "I-defender (ID-99)"
+params = { n_components = 2, keep = 0.99 }
+"""
+
+
+def test_detectors_that_differ_only_in_their_threshold_share_one_fit(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
+) -> None:
+    """ID-95 and ID-99 (keep only moves the threshold) are fitted once; ID-99's cell equals that of a run
+    that fits ID-99 alone (the oracle), and its threshold is its own, not ID-95's."""
+    fitted: list[str] = []
+    real = detector_study.fit_detector_object
+
+    def counted(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        fitted.append(spec.label)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(detector_study, "fit_detector_object", counted)
+    shared_text = BASE.format(output=tmp_path / "shared").replace(
+        "params = { n_components = 2 }", "params = { n_components = 2, keep = 0.95 }"
+    )
+    shared_config = load_config(write_config(tmp_path / "a", shared_text + ID_99))
+    assert cell_count(shared_config) == 4  # the attack, one fit, two detector cells
+    shared = run_evaluation(shared_config)
+    assert fitted == ["I-defender"] and list(shared.results["detector_fits"]) == ["I-defender"]
+    alone_text = BASE.format(output=tmp_path / "alone").split("[[detectors]]")[0] + ID_99
+    alone = run_evaluation(load_config(write_config(tmp_path / "b", alone_text)))
+    assert fitted == ["I-defender", "I-defender (ID-99)"]
+    id_99 = shared.results["detectors"]["I-defender (ID-99)"]
+    assert id_99 == alone.results["detectors"]["I-defender (ID-99)"]
+    assert id_99["clean_fpr"] < shared.results["detectors"]["I-defender"]["clean_fpr"]
