@@ -208,3 +208,47 @@ def test_a_failed_training_names_the_index(model, references) -> None:
         KNNScore(model, layer="0", k=K, backend="faiss", index="PQ4").fit(
             references[0][:100], references[1][:100]
         )
+
+
+class FakeGpuFaiss:
+    """faiss' GPU build as KNNScore uses it (no GPU here): one GPU, a copy per call to index_cpu_to_gpu,
+    optionally refusing the index as the GPU build refuses HNSW."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.copies: list[tuple[object, int, object]] = []
+        self.refuse = refuse
+
+    class StandardGpuResources:
+        pass
+
+    @staticmethod
+    def get_num_gpus() -> int:
+        return 1
+
+    def index_cpu_to_gpu(self, resources: object, device: int, index: object) -> object:
+        if self.refuse:
+            raise RuntimeError("Error in index_cpu_to_gpu: not implemented for this type of index")
+        self.copies.append((resources, device, index))
+        return ("gpu copy", device)
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["copied", "refused"])
+def test_the_index_moves_to_the_model_s_gpu_once_and_stays_on_the_cpu_where_refused(
+    model, references, monkeypatch: pytest.MonkeyPatch, refuse: bool
+) -> None:
+    """The GPU path's logic with faiss' GPU build faked (unrun on a real GPU here): a CPU search uses the
+    CPU index; a CUDA device gets one copy, kept for the next search; an index the GPU build refuses stays
+    on the CPU."""
+    from xaiadv.plugins.detectors import knn as knn_module
+
+    detector = knn(model, references, index="IVF16,Flat", nprobe=4)
+    fake = FakeGpuFaiss(refuse)
+    monkeypatch.setattr(knn_module, "_faiss", lambda: fake)
+    assert detector._device_index(torch.device("cpu")) is detector.index_
+    first = detector._device_index(torch.device("cuda", 0))
+    again = detector._device_index(torch.device("cuda", 0))
+    if refuse:
+        assert first is again is detector.index_ and fake.copies == []
+    else:
+        assert first == again == ("gpu copy", 0)
+        assert len(fake.copies) == 1 and fake.copies[0][1:] == (0, detector.index_)
