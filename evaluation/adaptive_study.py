@@ -194,11 +194,16 @@ def adaptive_cell(
     config: AdaptiveConfig,
     *,
     batch_size: int,
+    x_non_adaptive: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both attacks at one budget on clean, correctly classified ``x`` (N, ...) with labels ``y``: their
-    numbers (the adaptive ones None without ``scorer``) and the share of vanishing score gradients."""
+    numbers (the adaptive ones None without ``scorer``) and the share of vanishing score gradients.
+    ``x_non_adaptive``: the blind PGD's examples of ``x`` when already crafted (:func:`blind_pgd`: they do
+    not depend on the detector, so a study crafts them once per budget), else crafted here."""
     clean_scores, _ = detect(x.cpu().numpy())
-    crafted = {"non_adaptive": _batched(lambda a, b: pgd(model, a, b, config=config), x, y, batch_size)}
+    if x_non_adaptive is None:
+        x_non_adaptive = blind_pgd(model, x, y, config, batch_size)
+    crafted = {"non_adaptive": x_non_adaptive}
     share = None
     if scorer is not None:
         crafted["adaptive"] = _batched(
@@ -219,6 +224,13 @@ def adaptive_cell(
         record[name] = attack_numbers(misclassified, scores, np.asarray(flags, bool), clean_scores)
         arrays[f"x_{name}"], arrays[f"scores_{name}"] = x_adv.cpu().numpy(), scores
     return record, arrays
+
+
+def blind_pgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AdaptiveConfig, batch_size: int
+) -> torch.Tensor:
+    """The non-adaptive reference attack of one budget (:func:`~xaiadv.plugins.adaptive.pgd`), batched."""
+    return _batched(lambda a, b: pgd(model, a, b, config=config), x, y, batch_size)
 
 
 def _batched(

@@ -37,7 +37,7 @@ from xaiadv.bridge.registry import (
     detectors,
 )
 
-from .adaptive_study import AdaptiveSettings, adaptive_cell, adaptive_scorer
+from .adaptive_study import AdaptiveSettings, adaptive_cell, adaptive_scorer, blind_pgd
 from .data import training_subset
 from .metrics import equal_error_accuracy, operating_point, roc_auc, roc_curve, tpr_at_fpr
 from .models import craft_adversarial
@@ -366,7 +366,8 @@ class DetectorStudy(Study):
             for spec in config.detectors
             if not is_trained_peer(spec.name)
         }
-        return len(fits) + len(config.detectors) * (1 + budgets)
+        blind = budgets if config.detectors else 0  # one blind PGD per budget, shared by the detectors
+        return len(fits) + blind + len(config.detectors) * (1 + budgets)
 
     def run(self, run: Run) -> None:
         if not run.config.detectors:
@@ -374,6 +375,7 @@ class DetectorStudy(Study):
         done = [label for label, cell in run.attacks.items() if cell["status"] == "done"]
         n_calibration = len(CleanSplits.of(run).x_calibration)
         fits = self._fit_cells(run, n_calibration)
+        blind = self._blind_cells(run) if self.adaptive is not None else {}
         for spec in tqdm(run.config.detectors, desc="detectors", disable=not run.progress):
             fit = fits.get(spec.label)
             if fit is not None:
@@ -394,7 +396,7 @@ class DetectorStudy(Study):
                 about={"name": spec.name},
             )
             if self.adaptive is not None:
-                self._adaptive_cells(spec, run, n_calibration, fit)
+                self._adaptive_cells(spec, run, n_calibration, fit, blind)
 
     def _fit_cells(self, run: Run, n_calibration: int) -> dict[str, Mapping[str, Any]]:
         """One ``detector_fit`` cell per distinct fit of our detectors, all submitted before any is read
@@ -419,13 +421,36 @@ class DetectorStudy(Study):
             by_label[spec.label] = cells[key]
         return by_label
 
+    def _blind_cells(self, run: Run) -> dict[str, Mapping[str, Any]]:
+        """One ``adaptive_blind`` cell per budget: the non-adaptive PGD of the adaptive column, which no
+        detector changes, crafted once and read by every detector's cell of that budget."""
+        settings = self.adaptive
+        shape, settings_key = tuple(run.sample.x.shape[1:]), dataclasses.asdict(settings)
+        return {
+            budget: run.cell(
+                "adaptive_blind",
+                budget,
+                run.key(settings_key, eps),
+                lambda eps=eps, budget=budget: run_blind_cell(settings, run, budget, eps),
+                about={"budget": budget, "eps": eps},
+            )
+            for budget, eps in settings.budgets(shape, BOUNDS)
+        }
+
     def _adaptive_cells(
-        self, spec: DetectorSpec, run: Run, n_calibration: int, fit: Mapping[str, Any] | None
+        self,
+        spec: DetectorSpec,
+        run: Run,
+        n_calibration: int,
+        fit: Mapping[str, Any] | None,
+        blind: Mapping[str, Mapping[str, Any]],
     ) -> None:
-        """One cell per budget, each scoring with the detector its fit cell saved."""
+        """One cell per budget, each scoring with the detector its fit cell saved and attacking it with
+        the budget's blind examples beside its own adaptive ones."""
         settings = self.adaptive
         shape, settings_key = tuple(run.sample.x.shape[1:]), dataclasses.asdict(settings)
         for budget, eps in settings.budgets(shape, BOUNDS):
+            reference = dict(blind[budget])  # read here: the cell below is submitted after it finished
             about = {"name": spec.name, "detector": spec.label, "budget": budget, "eps": eps}
             about["unbounded"] = budget.endswith("unbounded")
             run.cell(
@@ -438,11 +463,29 @@ class DetectorStudy(Study):
                     settings_key,
                     eps,
                 ),
-                lambda about=about: run_adaptive_cell(
-                    about, settings, run, lambda: fitted_detector(spec, run, fit)
+                lambda about=about, reference=reference: run_adaptive_cell(
+                    about, settings, run, lambda: fitted_detector(spec, run, fit), reference
                 ),
                 about=about,
             )
+
+
+def _adaptive_samples(settings: AdaptiveSettings, run: Run) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The adaptive column's images: the first ``settings.samples`` initially correct ones (their rows in
+    the sample, images and labels on the run's device)."""
+    rows = np.flatnonzero(run.sample.initially_correct)[: settings.samples]
+    index = torch.as_tensor(rows)
+    return rows, run.sample.x[index].to(run.device), run.sample.y[index].to(run.device)
+
+
+def run_blind_cell(
+    settings: AdaptiveSettings, run: Run, budget: str, eps: float
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The non-adaptive PGD of one budget on the adaptive column's images: (the cell, its examples)."""
+    rows, x, y = _adaptive_samples(settings, run)
+    x_adv = blind_pgd(run.model, x, y, settings.config(eps), run.config.batch_size)
+    cell = {"kind": "adaptive_blind", "label": budget, "budget": budget, "eps": eps, "status": "done"}
+    return {**cell, "n": len(rows)}, {"index": rows, "x_adv": x_adv.cpu().numpy()}
 
 
 def run_detector_fit_cell(
@@ -549,18 +592,29 @@ def run_adaptive_cell(
     settings: AdaptiveSettings,
     run: Run,
     detector: Callable[[], tuple[Detect, Any]],
+    blind: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both attacks of one (detector, budget) on the first ``settings.samples`` initially correct sample
-    images: (the cell, its arrays)."""
+    images, the blind one read from the budget's ``adaptive_blind`` cell: (the cell, its arrays)."""
+    if blind["status"] != "done":
+        raise RuntimeError(
+            f"adaptive_blind {blind['label']!r} failed, so this cell cannot run: {blind['error']}"
+        )
     detect, fitted = detector()
     scorer, reason = adaptive_scorer(
         fitted, f"no differentiable score: {about['name']} is trained by ART and offers no score_torch"
     )
-    rows = np.flatnonzero(run.sample.initially_correct)[: settings.samples]
-    x = run.sample.x[torch.as_tensor(rows)].to(run.device)
-    y = run.sample.y[torch.as_tensor(rows)].to(run.device)
+    rows, x, y = _adaptive_samples(settings, run)
+    x_blind = torch.as_tensor(run.directory.load_arrays("adaptive_blind", blind["label"])["x_adv"])
     record, arrays = adaptive_cell(
-        run.model, detect, scorer, x, y, settings.config(about["eps"]), batch_size=run.config.batch_size
+        run.model,
+        detect,
+        scorer,
+        x,
+        y,
+        settings.config(about["eps"]),
+        batch_size=run.config.batch_size,
+        x_non_adaptive=x_blind.to(run.device),
     )
     cell = {"kind": "adaptive", "label": f"{about['detector']} | {about['budget']}", **about}
     return {**cell, "status": "done", "norm": settings.norm, "n": len(rows), "reason": reason, **record}, {

@@ -372,7 +372,8 @@ def test_each_detector_of_ours_is_fitted_once_in_its_own_cell_and_scores_as_fitt
 ) -> None:
     """The detector cell and both budgets' adaptive cells read the one detector_fit cell's saved state
     (the oracle: the detector as fitted, in memory, scores the sample as the cell's reloaded one did);
-    ART's trained peer has no state of ours and is fitted in each of its three cells."""
+    ART's trained peer has no state of ours and is fitted in each of its three cells. Every detector's
+    cell of a budget reads that budget's one blind PGD."""
     adaptive = "{ eps = [0.1, 0.2], max_iter = 3, search_steps = 1, samples = 8, unbounded = false }"
     text = BASE.format(output=tmp_path / "out") + MORE_DETECTORS + STUDY.replace("{}", adaptive)
     config = load_config(write_config(tmp_path, text))
@@ -385,8 +386,15 @@ def test_each_detector_of_ours_is_fitted_once_in_its_own_cell_and_scores_as_fitt
         return detect, detector
 
     monkeypatch.setattr(detector_study, "fit_detector_object", counted)
+    blind: list[float] = []
+    real_blind = detector_study.blind_pgd
+    monkeypatch.setattr(
+        detector_study, "blind_pgd", lambda *a, **k: (blind.append(a[3].eps), real_blind(*a, **k))[1]
+    )
     result = run_evaluation(config)
     assert result.results["complete"] is True
+    assert blind == [0.1, 0.2]  # the non-adaptive PGD once per budget, not once per detector and budget
+    assert list(result.results["adaptive_blinds"]) == ["Linf 0.1", "Linf 0.2"]
     assert {label: len(fits) for label, fits in fitted.items()} == {
         "I-defender": 1,
         "kNN (DW-kNN)": 1,
