@@ -449,3 +449,27 @@ def test_detectors_that_differ_only_in_their_threshold_share_one_fit(
     id_99 = shared.results["detectors"]["I-defender (ID-99)"]
     assert id_99 == alone.results["detectors"]["I-defender (ID-99)"]
     assert id_99["clean_fpr"] < shared.results["detectors"]["I-defender"]["clean_fpr"]
+
+
+def test_a_failed_blind_pgd_fails_its_budget_s_adaptive_cells_naming_it(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
+) -> None:
+    adaptive = "{ eps = [0.1], max_iter = 2, search_steps = 1, samples = 4, unbounded = false }"
+    path = write_config(tmp_path, BASE.format(output=tmp_path / "out") + STUDY.replace("{}", adaptive))
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(detector_study, "blind_pgd", broken)
+    result = run_evaluation(load_config(path))
+    assert result.results["complete"] is False
+    assert result.results["detectors"]["I-defender"]["status"] == "done"  # the rest of the study finished
+    assert result.failed_cells == [
+        {"kind": "adaptive_blind", "label": "Linf 0.1", "error": "RuntimeError: out of memory"},
+        {
+            "kind": "adaptive",
+            "label": "I-defender | Linf 0.1",
+            "error": "RuntimeError: adaptive_blind 'Linf 0.1' failed, so this cell cannot run: "
+            "RuntimeError: out of memory",
+        },
+    ]
