@@ -53,15 +53,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = []
     for references in (int(size) for size in args.sizes.split(",")):
         cpu_speed, cpu_scores = images_per_second(torch.device("cpu"), references, args.queries, 1)
         speed, scores = images_per_second(torch.device(args.device), references, args.queries, args.repeats)
         difference = float((scores - cpu_scores).abs().max())
-        rows.append(
-            {"references": references, "cpu": cpu_speed, args.device: speed, "max_difference": difference}
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"references": references, "cpu": cpu_speed, args.device: speed, "max_difference": difference}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
